@@ -1,0 +1,111 @@
+"""``snapfs check``: verify that manifests, volume files, backing links and
+headers agree.  One method per invariant; each problem is one line."""
+
+import os
+
+from . import manifest as M
+from .chain import Chain
+from .errors import SnapfsError
+from .store import LOCK, MARKER, VMS
+from .volume import VolumePool
+
+
+class StoreChecker:
+    def __init__(self, store):
+        self.store = store
+        self.problems = []
+        self.volumes_checked = 0
+        self.vms_checked = 0
+
+    def problem(self, text):
+        self.problems.append(text)
+
+    def run(self):
+        self.check_store_entries()
+        for name in sorted(os.listdir(self.store.vms_dir)):
+            path = os.path.join(self.store.vms_dir, name)
+            if name.startswith("."):
+                self.problem(f"{path}: leftover of an interrupted import or removal")
+                continue
+            if not os.path.isdir(path):
+                self.problem(f"{path}: unexpected file in {VMS}/")
+                continue
+            self.check_vm(name)
+        return self.problems
+
+    def check_store_entries(self):
+        for name in os.listdir(self.store.path):
+            if name not in (MARKER, LOCK, VMS) and not name.endswith(".log"):
+                self.problem(f"{os.path.join(self.store.path, name)}: unexpected file in the store")
+
+    def check_vm(self, name):
+        try:
+            manifest = self.store.load_vm(name)
+        except SnapfsError as e:
+            self.problem(str(e))
+            return
+        self.vms_checked += 1
+        if manifest.name != name:
+            self.problem(f"{manifest.path}: names VM {manifest.name!r} but lives in {name!r}")
+        self.check_volume_files(manifest)
+        self.check_volumes_reachable(manifest)
+        pool = VolumePool()
+        try:
+            for vid in sorted(manifest.volumes):
+                self.check_volume_header(manifest, vid, pool)
+            self.check_chains(manifest, pool)
+        finally:
+            pool.close()
+        if manifest.operation is not None:
+            self.problem(f"{manifest.path}: an operation is recorded as in progress: "
+                         f"{manifest.operation}")
+
+    def check_volume_files(self, manifest):
+        directory = self.store.vm_dir(manifest.name)
+        present = set(os.listdir(directory)) - {M.MANIFEST}
+        for vid in sorted(manifest.volumes):
+            if vid not in present:
+                self.problem(f"{os.path.join(directory, vid)}: volume file is missing")
+        for extra in sorted(present - set(manifest.volumes)):
+            self.problem(f"{os.path.join(directory, extra)}: leftover file, no manifest refers to it")
+
+    def check_volumes_reachable(self, manifest):
+        used = set()
+        for vid in list(manifest.active.values()) + [
+                v for s in manifest.snapshots for v in s.volumes.values()]:
+            used.update(manifest.chain(vid))
+        for vid in sorted(set(manifest.volumes) - used):
+            self.problem(f"{manifest.path}: volume {vid} belongs to no snapshot and no active disk")
+
+    def check_volume_header(self, manifest, vid, pool):
+        path = self.store.volume_path(manifest.name, vid)
+        if not os.path.exists(path):
+            return
+        info = manifest.volumes[vid]
+        self.volumes_checked += 1
+        try:
+            vol = pool.get(path, info["format"])
+        except SnapfsError as e:
+            self.problem(str(e))
+            return
+        parent = info["parent"]
+        if info["format"] == "raw":
+            if parent is not None:
+                self.problem(f"{path}: raw volume cannot have a parent")
+            return
+        if vol.backing_file != parent:
+            self.problem(f"{path}: backing file is {vol.backing_file!r}, manifest says {parent!r}")
+        elif parent is not None and vol.backing_format != manifest.volumes[parent]["format"]:
+            self.problem(f"{path}: backing format is {vol.backing_format!r}, "
+                         f"manifest says {manifest.volumes[parent]['format']!r}")
+        if vol.header.corrupt:
+            self.problem(f"{path}: image is marked corrupt")
+
+    def check_chains(self, manifest, pool):
+        tops = {vid for vid in manifest.active.values()}
+        tops.update(v for s in manifest.snapshots for v in s.volumes.values())
+        for vid in sorted(tops):
+            try:
+                Chain(pool, self.store.chain_refs(manifest, vid))
+            except SnapfsError as e:
+                self.problem(str(e))

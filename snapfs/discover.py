@@ -1,0 +1,97 @@
+"""Follow a user's image back through its backing files, safely.
+
+Used only when importing: inside the store, the manifest names every
+volume's parent and format.  A backing name must stay inside the top
+image's directory: absolute names, '..' and symlinks that lead out are
+refused, as are loops and chains deeper than MAX_CHAIN_DEPTH.
+"""
+
+import os
+from dataclasses import dataclass
+
+from .chain import MAX_CHAIN_DEPTH
+from .errors import ImageError, UnsafeBacking
+from .qcow2.structs import MAGIC
+from .volume import open_volume
+
+
+@dataclass
+class Layer:
+    path: str          # as found (inside the source directory)
+    format: str        # "raw" or "qcow2"
+    size: int          # virtual size
+    backing: str | None = None         # backing name as recorded in the file
+    backing_format: str | None = None
+
+
+def detect_format(path):
+    """The user names a file to import; its first bytes say which format it
+    is.  Only the top image is detected: backing layers must record their
+    format."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise ImageError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not a disk image") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot read: {e.strerror}") from None
+    return "qcow2" if head == MAGIC else "raw"
+
+
+def discover_chain(top, top_format=None):
+    """Layers from the base up to ``top``.  Raises ImageError subclasses."""
+    top = os.path.abspath(top)
+    if top_format is None:
+        top_format = detect_format(top)
+    directory = os.path.realpath(os.path.dirname(top))
+    layers = []
+    seen = set()
+    path, fmt = top, top_format
+    while True:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UnsafeBacking(path, "backing chain loops")
+        seen.add(real)
+        if len(layers) >= MAX_CHAIN_DEPTH:
+            raise UnsafeBacking(top, f"backing chain deeper than {MAX_CHAIN_DEPTH} layers")
+        if os.path.isdir(real):
+            raise ImageError(path, "is a directory, not a disk image")
+        vol = open_volume(path, fmt)
+        try:
+            # Validate every table now, so that a damaged image is refused at
+            # import rather than discovered later as EIO.
+            vol.runs()
+            backing, backing_fmt = vol.backing_file, vol.backing_format
+            layers.append(Layer(path, fmt, vol.size, backing, backing_fmt))
+        finally:
+            vol.close()
+        if not backing:
+            break
+        if backing_fmt not in ("raw", "qcow2"):
+            raise ImageError(path, f"backing format of {backing!r} is not recorded "
+                                   f"(set it with: qemu-img rebase -u -b {backing} -F qcow2|raw)"
+                             if backing_fmt is None else
+                             f"unsupported backing format {backing_fmt!r}")
+        path = _resolve_backing(path, backing, directory)
+        fmt = backing_fmt
+    layers.reverse()
+    return layers
+
+
+def _resolve_backing(image, name, directory):
+    if ":" in name:
+        # QEMU reads "json:{...}", "nbd:..." and the like as protocols, not files.
+        raise UnsafeBacking(image, f"backing name {name!r} contains ':' (a protocol, not a file)")
+    if os.path.isabs(name):
+        raise UnsafeBacking(image, f"backing name {name!r} is absolute")
+    if ".." in name.split("/"):
+        raise UnsafeBacking(image, f"backing name {name!r} leaves the image directory")
+    candidate = os.path.join(os.path.dirname(image), name)
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([real, directory]) != directory:
+        raise UnsafeBacking(image, f"backing name {name!r} resolves outside {directory}")
+    if not os.path.exists(real):
+        raise ImageError(image, f"backing file {name!r} does not exist")
+    return candidate

@@ -1,0 +1,172 @@
+"""A VM's manifest: its disks, volumes, snapshots and active leaves.
+
+Stored as ``vms/<vm>/manifest.json`` and replaced atomically (temp file,
+fsync, rename, fsync of the directory).  The manifest is the only source of
+truth: a volume file that it does not name is a leftover.
+
+Schema (version 1)::
+
+    {"format": "snapfs-vm", "version": 1, "name": "web", "id": UUID,
+     "created": ISO-8601,
+     "disks": ["sda", ...],
+     "volumes": {UUID: {"disk": "sda", "format": "qcow2"|"raw", "parent": UUID|null}},
+     "snapshots": [{"id", "name", "description", "created", "volumes": {disk: UUID}}],
+     "active": {disk: UUID},
+     "preview": null,      # reserved for layer operations
+     "operation": null}    # an operation in progress, for recovery
+"""
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import StoreError
+from .names import check_disk_name, check_name, check_snapshot_name
+
+FORMAT = "snapfs-vm"
+VERSION = 1
+MANIFEST = "manifest.json"
+MAX_CHAIN_DEPTH = 64
+
+
+@dataclass
+class Snapshot:
+    id: str
+    name: str
+    description: str
+    created: str
+    volumes: dict
+
+    def to_json(self):
+        return {"id": self.id, "name": self.name, "description": self.description,
+                "created": self.created, "volumes": dict(self.volumes)}
+
+
+@dataclass
+class Manifest:
+    name: str
+    id: str
+    created: str
+    disks: list
+    volumes: dict
+    snapshots: list
+    active: dict
+    preview: dict | None = None
+    operation: dict | None = None
+    path: str | None = field(default=None, compare=False)
+
+    # -- queries ----------------------------------------------------------
+
+    def snapshot(self, name):
+        for snap in self.snapshots:
+            if snap.name == name:
+                return snap
+        return None
+
+    def chain(self, volume_id):
+        """Volume ids from the base up to ``volume_id``."""
+        ids = []
+        current = volume_id
+        while current is not None:
+            if current in ids or len(ids) >= MAX_CHAIN_DEPTH:
+                raise StoreError(f"{self.path}: volume chain of {volume_id} loops or is too deep")
+            vol = self.volumes.get(current)
+            if vol is None:
+                raise StoreError(f"{self.path}: unknown volume {current}")
+            ids.append(current)
+            current = vol["parent"]
+        ids.reverse()
+        return ids
+
+    # -- (de)serialisation ------------------------------------------------
+
+    def to_json(self):
+        return {
+            "format": FORMAT, "version": VERSION, "name": self.name, "id": self.id,
+            "created": self.created, "disks": list(self.disks),
+            "volumes": self.volumes,
+            "snapshots": [s.to_json() for s in self.snapshots],
+            "active": self.active, "preview": self.preview, "operation": self.operation,
+        }
+
+    @classmethod
+    def from_json(cls, data, path):
+        """Parse and validate.  Raises StoreError naming the file."""
+        try:
+            if data.get("format") != FORMAT or data.get("version") != VERSION:
+                raise ValueError("not a snapfs VM manifest of a known version")
+            disks = [check_disk_name(d) for d in data["disks"]]
+            volumes = {}
+            for vid, vol in data["volumes"].items():
+                uuid.UUID(vid)
+                if vol["disk"] not in disks or vol["format"] not in ("raw", "qcow2"):
+                    raise ValueError(f"volume {vid} has a bad disk or format")
+                if vol["parent"] is not None and vol["parent"] not in data["volumes"]:
+                    raise ValueError(f"volume {vid} has an unknown parent")
+                volumes[vid] = {"disk": vol["disk"], "format": vol["format"],
+                                "parent": vol["parent"]}
+            snapshots = []
+            for s in data["snapshots"]:
+                snapshots.append(Snapshot(str(uuid.UUID(s["id"])), check_snapshot_name(s["name"]),
+                                          str(s.get("description", "")), str(s["created"]),
+                                          _check_disk_map(s["volumes"], disks, volumes)))
+            if len({s.name for s in snapshots}) != len(snapshots):
+                raise ValueError("duplicate snapshot names")
+            m = cls(name=check_name(data["name"], "VM name"), id=str(uuid.UUID(data["id"])),
+                    created=str(data["created"]), disks=disks, volumes=volumes,
+                    snapshots=snapshots, active=_check_disk_map(data["active"], disks, volumes),
+                    preview=data.get("preview"), operation=data.get("operation"), path=str(path))
+            for disk in disks:
+                m.chain(m.active[disk])
+        except StoreError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"{path}: invalid manifest: {e}") from None
+        return m
+
+
+def _check_disk_map(mapping, disks, volumes):
+    if set(mapping) != set(disks):
+        raise ValueError("a snapshot or the active state does not cover every disk")
+    for disk, vid in mapping.items():
+        if vid not in volumes or volumes[vid]["disk"] != disk:
+            raise ValueError(f"disk {disk} refers to unknown volume {vid}")
+    return dict(mapping)
+
+
+def load(path):
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: manifest is missing") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: invalid manifest")
+    return Manifest.from_json(data, path)
+
+
+def save(manifest, path):
+    """Replace the manifest at ``path`` atomically and durably."""
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{MANIFEST}.tmp")
+    data = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(directory)
+    manifest.path = str(path)
+
+
+def fsync_dir(directory):
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,192 @@
+"""Mounting and unmounting: the background daemon and ``snapfs umount``.
+
+``mount`` forks like other FUSE tools: the parent waits until the child
+reports the mount visible (or an error) and exits with its status; the
+child holds the store's writer lock for as long as the mount lives.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .errors import InvalidArgument, SnapfsError, StoreError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+UMOUNT_WAIT_SECONDS = 30
+FSNAME_PREFIX = "snapfs:"
+
+
+def _check_mountpoint(mountpoint):
+    if not os.path.isdir(mountpoint):
+        raise InvalidArgument(f"{mountpoint}: mount point is not a directory")
+    if find_mount(mountpoint) is not None:
+        raise InvalidArgument(f"{mountpoint}: a snapfs store is already mounted here")
+
+
+def mount(store_path, mountpoint, options, foreground=False, log_file=None, debug=False):
+    store = Store.open(store_path)
+    mountpoint = os.path.abspath(mountpoint)
+    _check_mountpoint(mountpoint)
+    allow_other = "allow_other" in options
+    extra = [o for o in options if o != "allow_other"]
+    if foreground:
+        _serve(store, mountpoint, allow_other, extra, ready=None)
+        return
+    log_file = os.path.abspath(log_file or os.path.join(store.path, "snapfs.log"))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        message = b""
+        while chunk := os.read(read_end, 4096):
+            message += chunk
+        os.close(read_end)
+        if message.startswith(b"ok"):
+            return
+        os.waitpid(pid, 0)
+        raise StoreError(message.decode(errors="replace").strip() or
+                         f"mount failed; see {log_file}")
+    # The daemon.
+    os.close(read_end)
+    os.setsid()
+    code = 1
+    try:
+        _setup_daemon_logging(log_file, debug)
+
+        def ready():
+            os.write(write_end, b"ok\n")
+            os.close(write_end)
+            _detach_stdio()
+
+        _serve(store, mountpoint, allow_other, extra, ready=ready)
+        code = 0
+    except SnapfsError as e:
+        _report(write_end, str(e))
+    except Exception as e:   # the parent must always hear back
+        log.exception("mount failed")
+        _report(write_end, f"mount failed: {e}")
+    finally:
+        os._exit(code)
+
+
+def _report(fd, message):
+    try:
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _detach_stdio():
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
+
+
+def _setup_daemon_logging(log_file, debug):
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _serve(store, mountpoint, allow_other, extra, ready):
+    from .fuse import mount_options, serve
+    from .vfs import Vfs
+    store.acquire_lock(f"mounted at {mountpoint}")
+    vfs = Vfs(store)
+    try:
+        try:
+            options = mount_options(store.path, allow_other, extra)
+            log.info("mounting %s at %s", store.path, mountpoint)
+            serve(vfs, mountpoint, options, ready=ready)
+        except RuntimeError as e:
+            raise StoreError(f"{mountpoint}: cannot mount: {e}") from None
+        log.info("unmounted %s", mountpoint)
+    finally:
+        vfs.close()
+        store.release_lock()
+
+
+# -- finding and unmounting -----------------------------------------------------
+
+def _unescape(field):
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def find_mount(mountpoint):
+    """The store path of the snapfs mount at ``mountpoint``, or None."""
+    target = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 10 or "-" not in fields:
+            continue
+        sep = fields.index("-")
+        point, fstype, source = _unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])
+        if point == target and fstype == "fuse.snapfs" and source.startswith(FSNAME_PREFIX):
+            return source[len(FSNAME_PREFIX):]
+    return None
+
+
+def umount(mountpoint):
+    """Unmount and wait until the daemon has released the store."""
+    store_path = find_mount(mountpoint)
+    if store_path is None:
+        raise InvalidArgument(f"{mountpoint}: no snapfs store is mounted here")
+    holder_pid = _lock_holder_pid(store_path)
+    tool = "fusermount3" if _which("fusermount3") else "fusermount"
+    result = subprocess.run([tool, "-u", os.path.realpath(mountpoint)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        msg = result.stderr.strip().splitlines()
+        raise StoreError(f"{mountpoint}: cannot unmount: {msg[-1] if msg else 'busy'}")
+    deadline = time.monotonic() + UMOUNT_WAIT_SECONDS
+    while holder_pid and _alive(holder_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _lock_holder_pid(store_path):
+    try:
+        holder = Store(store_path).lock_holder()
+    except OSError:
+        return None
+    if holder and holder.startswith("pid "):
+        try:
+            return int(holder.split()[1].rstrip(":"))
+        except ValueError:
+            return None
+    return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _which(name):
+    return any(os.access(os.path.join(d, name), os.X_OK)
+               for d in os.environ.get("PATH", "").split(os.pathsep))

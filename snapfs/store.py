@@ -1,0 +1,178 @@
+"""The store: a directory of VMs, each a manifest plus volume files.
+
+Layout::
+
+    STORE/snapfs-store.json      marks the directory as a store
+    STORE/lock                   flock()ed by the one writer (a mount or a CLI command)
+    STORE/vms/<vm>/manifest.json
+    STORE/vms/<vm>/<uuid>        volume files, named by UUID
+
+A qcow2 volume's backing name is its parent's bare UUID, with the format
+always recorded.  Readers need no lock: manifests are replaced atomically.
+"""
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+
+from . import manifest as M
+from .chain import VolumeRef
+from .errors import NotFound, StoreError, StoreLocked
+from .names import check_name
+
+MARKER = "snapfs-store.json"
+STORE_FORMAT = "snapfs-store"
+STORE_VERSION = 1
+VMS = "vms"
+LOCK = "lock"
+
+
+class Store:
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.vms_dir = os.path.join(self.path, VMS)
+        self._lock_fd = None
+
+    # -- creation and opening ----------------------------------------------
+
+    @classmethod
+    def init(cls, path):
+        """Create a store at ``path`` (a new or empty directory)."""
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise StoreError(f"{path}: exists and is not a directory")
+            if os.listdir(path):
+                if os.path.exists(os.path.join(path, MARKER)):
+                    raise StoreError(f"{path}: is already a snapfs store")
+                raise StoreError(f"{path}: directory is not empty")
+        os.makedirs(os.path.join(path, VMS), exist_ok=True)
+        marker = {"format": STORE_FORMAT, "version": STORE_VERSION, "id": str(uuid.uuid4())}
+        tmp = os.path.join(path, f".{MARKER}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(marker, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, MARKER))
+        M.fsync_dir(path)
+        return cls(path)
+
+    @classmethod
+    def open(cls, path):
+        """Open an existing store.  Raises StoreError if it is not one."""
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise StoreError(f"{path}: no such store (run 'snapfs init {path}' first)")
+        try:
+            with open(os.path.join(path, MARKER)) as f:
+                marker = json.load(f)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: not a snapfs store (no {MARKER})") from None
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path}: unreadable store marker: {e}") from None
+        if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
+            raise StoreError(f"{path}: not a snapfs store")
+        if marker.get("version") != STORE_VERSION:
+            raise StoreError(f"{path}: store version {marker.get('version')} is not supported")
+        if not os.path.isdir(os.path.join(path, VMS)):
+            raise StoreError(f"{path}: store is damaged (no {VMS}/ directory)")
+        return cls(path)
+
+    # -- the writer lock ---------------------------------------------------
+
+    @contextmanager
+    def locked(self, purpose):
+        """Hold the store's writer lock.  Raises StoreLocked if another
+        process (a mount, or another command) holds it."""
+        self.acquire_lock(purpose)
+        try:
+            yield self
+        finally:
+            self.release_lock()
+
+    def acquire_lock(self, purpose):
+        lock_path = os.path.join(self.path, LOCK)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise StoreLocked(f"{self.path}: store is in use ({holder or 'by another process'})"
+                              ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def update_lock_holder(self, purpose):
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, f"pid {os.getpid()}: {purpose}\n".encode(), 0)
+
+    def release_lock(self):
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def lock_holder(self):
+        """The lock file's description of its holder, or None if unlocked."""
+        try:
+            fd = os.open(os.path.join(self.path, LOCK), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    # -- VMs ----------------------------------------------------------------
+
+    def vm_dir(self, name):
+        return os.path.join(self.vms_dir, check_name(name, "VM name"))
+
+    def vm_names(self):
+        return sorted(n for n in os.listdir(self.vms_dir)
+                      if not n.startswith(".") and os.path.isdir(os.path.join(self.vms_dir, n)))
+
+    def has_vm(self, name):
+        return os.path.exists(os.path.join(self.vm_dir(name), M.MANIFEST))
+
+    def load_vm(self, name):
+        path = os.path.join(self.vm_dir(name), M.MANIFEST)
+        if not os.path.exists(path):
+            raise NotFound(f"no VM named {name!r} in {self.path}")
+        return M.load(path)
+
+    def save_vm(self, manifest):
+        M.save(manifest, os.path.join(self.vm_dir(manifest.name), M.MANIFEST))
+
+    def remove_vm(self, name):
+        """Remove a VM and its volumes.  The rename makes it vanish atomically;
+        the files are deleted after."""
+        directory = self.vm_dir(name)
+        if not self.has_vm(name):
+            raise NotFound(f"no VM named {name!r} in {self.path}")
+        trash = os.path.join(self.vms_dir, f".removed-{uuid.uuid4()}")
+        os.rename(directory, trash)
+        M.fsync_dir(self.vms_dir)
+        shutil.rmtree(trash)
+
+    # -- volumes ------------------------------------------------------------
+
+    def volume_path(self, vm, volume_id):
+        return os.path.join(self.vm_dir(vm), volume_id)
+
+    def chain_refs(self, manifest, volume_id):
+        """VolumeRefs from the base up to ``volume_id``."""
+        return [VolumeRef(self.volume_path(manifest.name, vid), manifest.volumes[vid]["format"])
+                for vid in manifest.chain(volume_id)]
