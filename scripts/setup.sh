@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what snapfs and its tests need on a Debian machine, then make the
+# project's virtualenv (.venv).  Safe to run again: it only installs what is
+# missing.  Sourced by scripts/test.sh and scripts/demo.sh.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs fdisk gdisk util-linux)
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -e /dev/fuse ] || as_root modprobe fuse || true
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$ROOT/.venv/bin/python" ]; then
+    echo "setup: creating $ROOT/.venv"
+    "$PYTHON" -m venv "$ROOT/.venv" || {
+        as_root apt-get install -y -qq python3-venv >/dev/null && "$PYTHON" -m venv "$ROOT/.venv"; }
+fi
+# Reinstall when pyproject.toml changed since the last install.
+stamp="$ROOT/.venv/.snapfs-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    echo "setup: installing snapfs and its test dependencies into .venv"
+    "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]"
+    touch "$stamp"
+fi

@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))   # ext4chain, the fixture builder
+
+from tests.support.mounting import force_unmount, snapfs, snapfs_mounts  # noqa: E402
+
+# "ci" is the default; SNAPFS_TEST_PROFILE=thorough runs many more examples.
+settings.register_profile("ci", deadline=None, max_examples=50,
+                          suppress_health_check=list(HealthCheck))
+settings.register_profile("thorough", deadline=None, max_examples=400,
+                          suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("SNAPFS_TEST_PROFILE", "ci"))
+
+
+def _loop_devices():
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return set(out.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_mounts():
+    """The suite must leave no snapfs mount and no loop device behind."""
+    mounts_before = set(snapfs_mounts())
+    loops_before = _loop_devices()
+    yield
+    leaked = set(snapfs_mounts()) - mounts_before
+    for m in leaked:
+        force_unmount(m)
+    leaked_loops = _loop_devices() - loops_before
+    assert not leaked, f"tests left mounts behind: {leaked}"
+    assert not leaked_loops, f"tests left loop devices behind: {leaked_loops}"
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "store"
+    snapfs("init", path)
+    return path
