@@ -1,0 +1,127 @@
+"""The CLI: every error is one line on stderr and a non-zero exit, never a
+traceback; `snapfs check` reports each problem on its own line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from snapfs.store import Store
+from tests.support.mounting import snapfs
+from tests.support.qemu import qemu_img, qemu_io
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("snapfs: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "img" / "disk.qcow2"
+    path.parent.mkdir()
+    qemu_img("create", "-f", "qcow2", path, "4M")
+    qemu_io(path, "write -P 5 0 64k", fmt="qcow2")
+    return path
+
+
+def test_errors_are_one_line(tmp_path, store, image):
+    missing = tmp_path / "nope"
+    assert_one_line_error(snapfs("vm", "list", missing, check=False), "no such store")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x").write_text("x")
+    assert_one_line_error(snapfs("vm", "list", tmp_path / "plain", check=False), "not a snapfs store")
+    assert_one_line_error(snapfs("init", tmp_path / "plain", check=False), "not empty")
+    assert_one_line_error(snapfs("vm", "add", store, "a", "--disk", "sda=12Q", check=False),
+                          "neither a size nor an existing file")
+    assert_one_line_error(snapfs("vm", "add", store, "a", "--disk", "sda=0", check=False),
+                          "invalid size")
+    assert_one_line_error(snapfs("vm", "add", store, "a", "--disk", f"sda={missing}", check=False))
+    assert_one_line_error(snapfs("vm", "add", store, "a", "--disk", "sda", check=False),
+                          "NAME=SIZE")
+    assert_one_line_error(snapfs("vm", "add", store, "../x", "--disk", "sda=1M", check=False),
+                          "invalid VM name")
+    assert_one_line_error(snapfs("vm", "add", store, "a", "--disk", "sda-part1=1M", check=False),
+                          "invalid disk name")
+    assert_one_line_error(snapfs("vm", "add", store, "a", "--disk", "sda=1M", "--disk", "sda=2M",
+                                 check=False), "duplicate disk")
+    snapfs("vm", "add", store, "a", "--disk", f"sda={image}")
+    assert_one_line_error(snapfs("vm", "add", store, "a", "--disk", "sda=1M", check=False),
+                          "already exists")
+    assert_one_line_error(snapfs("snapshot", "list", store, "zz", check=False), "no VM named")
+    assert_one_line_error(snapfs("vm", "remove", store, "zz", check=False), "no VM named")
+    assert_one_line_error(snapfs("inspect", tmp_path / "nope.qcow2", check=False), "no such file")
+    (tmp_path / "junk.qcow2").write_bytes(b"QFI\xfb" + bytes(10))
+    assert_one_line_error(snapfs("inspect", tmp_path / "junk.qcow2", check=False), "junk.qcow2")
+    # Nothing half-made was left behind by the failures.
+    assert sorted(os.listdir(store / "vms")) == ["a"]
+
+
+def test_locked_store_is_refused(store):
+    holder = Store.open(store)
+    holder.acquire_lock("mounted at /somewhere")
+    try:
+        result = snapfs("vm", "add", store, "b", "--disk", "sda=1M", check=False)
+        assert_one_line_error(result, "in use", "mounted at /somewhere")
+        # Reading is still allowed while another process writes.
+        assert snapfs("vm", "list", store).returncode == 0
+    finally:
+        holder.release_lock()
+    snapfs("vm", "add", store, "b", "--disk", "sda=1M")
+
+
+def test_chains_of_different_lengths_are_refused(tmp_path, store, image):
+    top = image.parent / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top, cwd=image.parent)
+    result = snapfs("vm", "add", store, "m", "--disk", f"a={top}", "--disk", f"b={image}",
+                    check=False)
+    assert_one_line_error(result, "different lengths")
+
+
+def test_snapshot_list_json(tmp_path, store, image):
+    top = image.parent / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top, cwd=image.parent)
+    snapfs("vm", "add", store, "web", "--disk", f"sda={top}")
+    snaps = json.loads(snapfs("snapshot", "list", store, "web", "--json").stdout)
+    assert [s["name"] for s in snaps] == ["disk"]
+    assert set(snaps[0]) == {"id", "name", "description", "created", "volumes"}
+    assert "disk" in snapfs("snapshot", "list", store, "web").stdout
+
+
+def test_check_reports_each_problem(tmp_path, store, image):
+    top = image.parent / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", top, cwd=image.parent)
+    snapfs("vm", "add", store, "web", "--disk", f"sda={top}", "--disk", "sdb=1M")
+    snapfs("vm", "add", store, "db", "--disk", "sda=1M")
+    assert snapfs("check", store).stdout.startswith("ok: 2 VM(s), 5 volume(s)")
+    manifest = json.loads((store / "vms" / "web" / "manifest.json").read_text())
+    base = manifest["snapshots"][0]["volumes"]["sda"]
+    active = manifest["active"]["sda"]
+    other = manifest["active"]["sdb"]
+    (store / "vms" / "web" / "stray-file").write_bytes(b"x")
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", other, "-F", "qcow2",
+             store / "vms" / "web" / active)
+    os.unlink(store / "vms" / "db" / json.loads(
+        (store / "vms" / "db" / "manifest.json").read_text())["active"]["sda"])
+    result = snapfs("check", store, check=False)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert any("stray-file" in l and "leftover" in l for l in lines), lines
+    assert any(active in l and "backing file is" in l and base in l for l in lines), lines
+    assert any("volume file is missing" in l for l in lines), lines
+    assert len(lines) == len(set(lines))
+
+
+def test_help_texts():
+    # The installed console script, as a user runs it.
+    exe = os.path.join(os.path.dirname(sys.executable), "snapfs")
+    for args in ([], ["vm", "add"], ["mount"], ["check"]):
+        r = subprocess.run([exe, *args, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: snapfs" in r.stdout
