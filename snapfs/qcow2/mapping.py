@@ -69,10 +69,16 @@ def image_runs(fd, hdr, l1_offset=None, l1_size=None):
     if len(l1) < needed_l1:
         raise CorruptImage(hdr.path, "L1 table is truncated")
     out = _RunBuilder()
+    seen = set()
     for index, l1e in enumerate(l1):
         l2_offset = l1e & S.OFFSET_MASK
         if not l2_offset:
             continue
+        # Each L2 table of one L1 table is distinct in a valid image; this
+        # bounds the work and the map by the file's size.
+        if l2_offset in seen:
+            raise CorruptImage(hdr.path, f"L2 table at {l2_offset:#x} is referenced twice")
+        seen.add(l2_offset)
         if l2_offset % cs:
             raise CorruptImage(hdr.path, f"L2 table offset {l2_offset:#x} is not cluster aligned")
         if l2_offset + cs > hdr.file_size:
