@@ -70,19 +70,20 @@ class QcowOptions:
 
     def validate(self) -> None:
         """Raise ValueError for combinations qemu-img would refuse."""
-        if self.compat not in ("0.10", "1.1"):
-            raise ValueError(f"bad compat {self.compat!r}")
-        if self.cluster_size not in CLUSTER_SIZES:
-            raise ValueError(f"bad cluster size {self.cluster_size}")
-        if self.refcount_bits not in REFCOUNT_BITS:
-            raise ValueError(f"bad refcount_bits {self.refcount_bits}")
-        if self.compression_type not in ("zlib", "zstd"):
-            raise ValueError(f"bad compression type {self.compression_type!r}")
-        if self.compat == "0.10" and (self.refcount_bits != 16 or self.extended_l2
-                                      or self.compression_type != "zlib"):
-            raise ValueError("compat 0.10 needs refcount_bits=16, no extended_l2, zlib")
-        if self.extended_l2 and self.cluster_size < 16 * KiB:
-            raise ValueError("extended_l2 needs cluster_size >= 16 KiB")
+        v2 = self.compat == "0.10"
+        for bad, why in [
+            (self.compat not in ("0.10", "1.1"), "compat is 0.10 or 1.1"),
+            (self.cluster_size not in CLUSTER_SIZES, "cluster_size is 2**9 .. 2**21"),
+            (self.refcount_bits not in REFCOUNT_BITS, "refcount_bits is 2**0 .. 2**6"),
+            (self.compression_type not in ("zlib", "zstd"), "zlib or zstd"),
+            (v2 and self.refcount_bits != 16, "compat 0.10 needs refcount_bits=16"),
+            (v2 and self.extended_l2, "compat 0.10 has no extended L2"),
+            (v2 and self.compression_type != "zlib", "compat 0.10 needs zlib"),
+            (self.extended_l2 and self.cluster_size < 16 * KiB,
+             "extended_l2 needs cluster_size >= 16 KiB"),
+        ]:
+            if bad:
+                raise ValueError(f"{self}: {why}")
 
     def create_options(self) -> str:
         """The ``-o`` argument for ``qemu-img create``."""

@@ -87,6 +87,16 @@ def test_raw_base_and_snapshot(tmp_path: Path) -> None:
     assert expected_views(built) == [bytes([0x55]) * 64 * KiB, expected]
 
 
+def test_compressed_write_after_freeing_a_compressed_cluster(tmp_path: Path) -> None:
+    """Regression for the QEMU 7.2 stale compressed-cluster bug (see _sessions)."""
+    spec = ChainSpec(cluster_size=4 * KiB, layers=[LayerSpec(64 * KiB, [
+        Op(COMPRESSED, 0, 4 * KiB, 1), Op(WRITE, 0, 4 * KiB, 2),
+        Op(WRITE, 8 * KiB, 4 * KiB, 3), Op(COMPRESSED, 16 * KiB, 4 * KiB, 4)])])
+    view, = expected_views(build_chain(spec, tmp_path))
+    assert view == (bytes([2]) * 4 * KiB + bytes(4 * KiB) + bytes([3]) * 4 * KiB
+                    + bytes(4 * KiB) + bytes([4]) * 4 * KiB + bytes(44 * KiB))
+
+
 @pytest.mark.parametrize("options, key, value", [
     (QcowOptions(extended_l2=True), "extended-l2", True),
     (QcowOptions(compression_type="zstd"), "compression-type", "zstd"),
