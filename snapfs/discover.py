@@ -24,10 +24,15 @@ class Layer:
     backing_format: str | None = None
 
 
+QCOW2_SUFFIXES = (".qcow2", ".qcow", ".qcow3")
+
+
 def detect_format(path):
-    """The user names a file to import; its first bytes say which format it
-    is.  Only the top image is detected: backing layers must record their
-    format."""
+    """The user names a file to import; its name and first bytes say which
+    format it is.  A file named like qcow2, or starting like qcow2 ('QFI'),
+    is read as qcow2, so a damaged qcow2 is refused rather than imported as
+    raw bytes.  Only the top image is detected: backing layers must record
+    their format."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -37,7 +42,9 @@ def detect_format(path):
         raise ImageError(path, "is a directory, not a disk image") from None
     except OSError as e:
         raise ImageError(path, f"cannot read: {e.strerror}") from None
-    return "qcow2" if head == MAGIC else "raw"
+    if head == MAGIC or head[:3] == MAGIC[:3] or str(path).lower().endswith(QCOW2_SUFFIXES):
+        return "qcow2"
+    return "raw"
 
 
 def discover_chain(top, top_format=None):
