@@ -67,6 +67,10 @@ def discover_chain(top, top_format=None):
             raise ImageError(path, "is a directory, not a disk image")
         vol = open_volume(path, fmt)
         try:
+            if fmt == "qcow2" and vol.header.dirty:
+                # Its refcounts may be stale: the copy would fail qemu-img check.
+                raise ImageError(path, "image was not closed cleanly (dirty bit set); "
+                                       "repair it with 'qemu-img check -r all' first")
             # Validate every table now, so that a damaged image is refused at
             # import rather than discovered later as EIO.
             vol.runs()

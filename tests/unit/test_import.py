@@ -140,3 +140,15 @@ def test_corrupt_marked_image_is_read_never_written(tmp_path, store):
         f.write((2).to_bytes(8, "big"))
     snapfs("vm", "add", store, "c", "--disk", f"sda={base}")
     assert views(store, "c")["active"]["sda"][:65536] == b"\x01" * 65536
+
+
+def test_dirty_image_is_refused_with_advice(tmp_path, store):
+    top = make_chain(tmp_path / "src", ["base", "top"])
+    with open(top, "r+b") as f:          # the dirty bit of lazy refcounts
+        f.seek(72)
+        f.write((1).to_bytes(8, "big"))
+    r = snapfs("vm", "add", store, "d", "--disk", f"sda={top}", check=False)
+    assert r.returncode == 1 and "qemu-img check -r all" in r.stderr
+    qemu_img("check", "-r", "all", top)
+    snapfs("vm", "add", store, "d", "--disk", f"sda={top}")
+    assert_store_volumes_clean(store, "d")
