@@ -22,6 +22,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from .chain import Chain
 from .errors import ImageError, NotFound, ReadOnly, SnapfsError, StoreError
@@ -261,7 +262,7 @@ class Vfs:
 
 
 def _iso_ns(text):
-    from datetime import datetime
+    """Nanoseconds since the epoch of an ISO-8601 UTC time, or None."""
     try:
         return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
     except (ValueError, AttributeError):
