@@ -2,6 +2,7 @@
 headers agree.  One method per invariant; each problem is one line."""
 
 import os
+import shutil
 
 from . import manifest as M
 from .chain import Chain
@@ -11,8 +12,13 @@ from .volume import VolumePool
 
 
 class StoreChecker:
-    def __init__(self, store):
+    """Collects problems; with ``repair`` it also removes leftovers (files
+    nothing refers to), reporting each as ``repaired: ...``."""
+
+    def __init__(self, store, repair=False):
         self.store = store
+        self.repair = repair
+        self.repaired = []
         self.problems = []
         self.volumes_checked = 0
         self.vms_checked = 0
@@ -20,18 +26,29 @@ class StoreChecker:
     def problem(self, text):
         self.problems.append(text)
 
+    def leftover(self, path, text):
+        """A file or directory nothing refers to: a problem, or removed."""
+        if not self.repair:
+            self.problem(f"{path}: {text}")
+            return
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        self.repaired.append(f"repaired: removed {path} ({text})")
+
     def run(self):
         self.check_store_entries()
         for name in sorted(os.listdir(self.store.vms_dir)):
             path = os.path.join(self.store.vms_dir, name)
             if name.startswith("."):
-                self.problem(f"{path}: leftover of an interrupted import or removal")
+                self.leftover(path, "leftover of an interrupted import or removal")
                 continue
             if not os.path.isdir(path):
                 self.problem(f"{path}: unexpected file in {VMS}/")
                 continue
             self.check_vm(name)
-        return self.problems
+        return self.repaired + self.problems
 
     def check_store_entries(self):
         for name in os.listdir(self.store.path):
@@ -67,13 +84,10 @@ class StoreChecker:
             if vid not in present:
                 self.problem(f"{os.path.join(directory, vid)}: volume file is missing")
         for extra in sorted(present - set(manifest.volumes)):
-            self.problem(f"{os.path.join(directory, extra)}: leftover file, no manifest refers to it")
+            self.leftover(os.path.join(directory, extra), "leftover file, no manifest refers to it")
 
     def check_volumes_reachable(self, manifest):
-        used = set()
-        for vid in list(manifest.active.values()) + [
-                v for s in manifest.snapshots for v in s.volumes.values()]:
-            used.update(manifest.chain(vid))
+        used = manifest.used_volumes()
         for vid in sorted(set(manifest.volumes) - used):
             self.problem(f"{manifest.path}: volume {vid} belongs to no snapshot and no active disk")
 

@@ -81,16 +81,46 @@ def build_parser():
     c.add_argument("vm")
     c.set_defaults(func=cmd_vm_remove)
 
-    snap = sub.add_parser("snapshot", help="list snapshots").add_subparsers(
-        title="snapshot commands", metavar="COMMAND")
+    snap = sub.add_parser("snapshot", help="list, create, delete, rename and preview snapshots"
+                          ).add_subparsers(title="snapshot commands", metavar="COMMAND")
     c = snap.add_parser("list", help="list a VM's snapshots, oldest first")
     c.add_argument("store")
     c.add_argument("vm")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_snapshot_list)
+    c = snap.add_parser("create", help="create a snapshot of all of a VM's disks")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.add_argument("name", nargs="?", help="default: the UTC time, e.g. 2026-11-27T08-15-30Z")
+    c.add_argument("-d", "--description", default="")
+    c.set_defaults(func=cmd_snapshot_op, op="create")
+    c = snap.add_parser("delete", help="delete a snapshot by merging its layers away")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_snapshot_op, op="delete")
+    c = snap.add_parser("rename", help="rename a snapshot")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.add_argument("name")
+    c.add_argument("new_name")
+    c.set_defaults(func=cmd_snapshot_op, op="rename")
+    c = snap.add_parser("preview", help="make a snapshot's state active, keeping the current one")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_snapshot_op, op="preview")
+    for op, text in (("commit", "keep the previewed state; newer snapshots are deleted"),
+                     ("undo", "drop the preview; the previous state is active again")):
+        c = snap.add_parser(op, help=text)
+        c.add_argument("store")
+        c.add_argument("vm")
+        c.set_defaults(func=cmd_snapshot_op, op=op)
 
     c = sub.add_parser("check", help="verify manifests, volume files, backing links and headers")
     c.add_argument("store")
+    c.add_argument("--repair", action="store_true",
+                   help="also remove leftover volume files that no manifest refers to")
     c.set_defaults(func=cmd_check)
 
     c = sub.add_parser("mount", help="mount a store (in the background unless --foreground)")
@@ -124,9 +154,13 @@ def cmd_init(args):
 def cmd_vm_add(args):
     from .importer import add_vm
     store = Store.open(args.store)
-    with store.locked(f"snapfs vm add {args.vm}"):
+    _locked(store, f"snapfs vm add {args.vm}")
+    try:
+        _recover(store)
         m = add_vm(store, args.vm, args.disk, move=args.move,
                    progress=None if sys.stderr.isatty() else False)
+    finally:
+        store.release_lock()
     print(f"added VM {m.name}: {len(m.disks)} disk(s), {len(m.snapshots)} snapshot(s)")
 
 
@@ -151,8 +185,11 @@ def cmd_vm_list(args):
 
 def cmd_vm_remove(args):
     store = Store.open(args.store)
-    with store.locked(f"snapfs vm remove {args.vm}"):
+    _locked(store, f"snapfs vm remove {args.vm}")
+    try:
         store.remove_vm(args.vm)
+    finally:
+        store.release_lock()
     print(f"removed VM {args.vm}")
 
 
@@ -168,11 +205,99 @@ def cmd_snapshot_list(args):
         print(f"{s.created}  {s.name}\t{s.description}")
 
 
+def _locked(store, purpose):
+    """The writer lock, with a hint at the mount's control files if mounted."""
+    from .errors import StoreLocked
+    try:
+        store.acquire_lock(purpose)
+    except StoreLocked as e:
+        holder = store.lock_holder() or ""
+        if "mounted at " in holder:
+            mnt = holder.split("mounted at ", 1)[1]
+            raise StoreLocked(f"{store.path}: store is mounted at {mnt}; change it through "
+                              f"the mount ({mnt}/VM/snapshots, {mnt}/VM/control/...)") from None
+        raise e from None
+    return store
+
+
+def _recover(store):
+    from .operations import recover
+    for line in recover(store):
+        print(f"snapfs: recovered: {line}", file=sys.stderr)
+
+
+def cmd_snapshot_op(args):
+    from .operations import VmOperations
+    store = Store.open(args.store)
+    _locked(store, f"snapfs snapshot {args.op} {args.vm}")
+    try:
+        _recover(store)
+        bar = None
+        if args.op == "delete":
+            from tqdm import tqdm
+            bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                       disable=None, leave=False)
+        ops = VmOperations(store, args.vm, progress=_bar_updater(bar) if bar else None)
+        try:
+            if args.op == "create":
+                snap = ops.create(args.name, args.description)
+                print(f"created snapshot {snap.name} of {args.vm}")
+            elif args.op == "delete":
+                record = ops.delete(args.name)
+                moved = ", ".join(f"{disk}: {r['direction']} {human(r['bytes'])}"
+                                  for disk, r in record["disks"].items())
+                print(f"deleted snapshot {args.name} of {args.vm} ({moved})")
+            elif args.op == "rename":
+                ops.rename(args.name, args.new_name)
+                print(f"renamed snapshot {args.name} of {args.vm} to {args.new_name}")
+            elif args.op == "preview":
+                ops.preview(args.name)
+                print(f"previewing snapshot {args.name} of {args.vm}: "
+                      f"commit to keep it, undo to go back")
+            else:
+                getattr(ops, args.op)()
+                print(f"{args.op} done for {args.vm}")
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        store.release_lock()
+
+
+def _bar_updater(bar):
+    def update(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update
+
+
 def cmd_check(args):
     from .check import StoreChecker
+    from .errors import StoreLocked
     store = Store.open(args.store)
-    checker = StoreChecker(store)
-    problems = list(dict.fromkeys(checker.run()))
+    locked = False
+    try:
+        store.acquire_lock("snapfs check")
+        locked = True
+        _recover(store)
+    except StoreLocked:
+        if args.repair:
+            raise
+        # Mounted: the mount recovered the store when it started.
+    try:
+        checker = StoreChecker(store, repair=args.repair)
+        return _report_check(checker)
+    finally:
+        if locked:
+            store.release_lock()
+
+
+def _report_check(checker):
+    checker.run()
+    for line in checker.repaired:
+        print(line)
+    problems = list(dict.fromkeys(checker.problems))
     for p in problems:
         print(p)
     if problems:

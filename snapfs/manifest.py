@@ -12,8 +12,13 @@ Schema (version 1)::
      "volumes": {UUID: {"disk": "sda", "format": "qcow2"|"raw", "parent": UUID|null}},
      "snapshots": [{"id", "name", "description", "created", "volumes": {disk: UUID}}],
      "active": {disk: UUID},
-     "preview": null,      # reserved for layer operations
-     "operation": null}    # an operation in progress, for recovery
+     "preview": null | {"snapshot": UUID, "before": {disk: UUID}},
+                           # while a preview is open: the previewed snapshot and
+                           # the previous active leaves ("before preview")
+     "operation": null | {"op": ..., ...},
+                           # an operation in progress, for recovery (operations.py)
+     "last_operation": null | {...}}
+                           # what the last finished operation did (merge direction, bytes)
 """
 
 import json
@@ -54,6 +59,7 @@ class Manifest:
     active: dict
     preview: dict | None = None
     operation: dict | None = None
+    last_operation: dict | None = None
     path: str | None = field(default=None, compare=False)
 
     # -- queries ----------------------------------------------------------
@@ -63,6 +69,20 @@ class Manifest:
             if snap.name == name:
                 return snap
         return None
+
+    def children(self, volume_id):
+        return sorted(v for v, info in self.volumes.items() if info["parent"] == volume_id)
+
+    def used_volumes(self):
+        """Every volume some snapshot, active leaf or before-preview leaf needs."""
+        tops = list(self.active.values())
+        tops += [v for s in self.snapshots for v in s.volumes.values()]
+        if self.preview:
+            tops += list(self.preview["before"].values())
+        used = set()
+        for vid in tops:
+            used.update(self.chain(vid))
+        return used
 
     def chain(self, volume_id):
         """Volume ids from the base up to ``volume_id``."""
@@ -88,6 +108,7 @@ class Manifest:
             "volumes": self.volumes,
             "snapshots": [s.to_json() for s in self.snapshots],
             "active": self.active, "preview": self.preview, "operation": self.operation,
+            "last_operation": self.last_operation,
         }
 
     @classmethod
@@ -116,7 +137,14 @@ class Manifest:
             m = cls(name=check_name(data["name"], "VM name"), id=str(uuid.UUID(data["id"])),
                     created=str(data["created"]), disks=disks, volumes=volumes,
                     snapshots=snapshots, active=_check_disk_map(data["active"], disks, volumes),
-                    preview=data.get("preview"), operation=data.get("operation"), path=str(path))
+                    preview=data.get("preview"), operation=data.get("operation"),
+                    last_operation=data.get("last_operation"), path=str(path))
+            if m.preview is not None:
+                _check_disk_map(m.preview["before"], disks, volumes)
+                if not any(s.id == m.preview["snapshot"] for s in snapshots):
+                    raise ValueError("the previewed snapshot does not exist")
+            if m.operation is not None and not isinstance(m.operation.get("op"), str):
+                raise ValueError("malformed operation record")
             for disk in disks:
                 m.chain(m.active[disk])
         except StoreError:

@@ -1,0 +1,331 @@
+"""Snapshot operations on one VM, each atomic across all of its disks.
+
+Every operation records its intent in the manifest before it changes any
+volume, and ``recover()`` finishes or rolls back whatever a crash
+interrupted (DESIGN.md section 4):
+
+- create / preview: the new overlays are listed first, then written; a
+  crash before the final manifest switch rolls back (the files go).
+- commit / undo: one manifest switch decides; the files it drops are
+  listed in the same write and deleted after (rolled forward).
+- delete: the snapshot leaves the namespace with the merge plan recorded;
+  the data move and relink are idempotent, so recovery rolls forward.
+- rename: one manifest write.
+
+The caller holds the store's writer lock.  Errors carry their errno:
+ENOENT unknown snapshot, EEXIST name taken, EINVAL bad name or no preview,
+EBUSY a preview is open or QEMU holds a volume, ENOSPC not enough space.
+"""
+
+import logging
+import os
+import uuid
+from datetime import datetime, timezone
+
+from .errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from .faults import crashpoint
+from .inuse import held_by_qemu
+from .manifest import Snapshot, fsync_dir
+from .merge import check_space, execute_merge, plan_merge
+from .names import check_snapshot_name
+from .qcow2.writer import create_image, set_backing
+from .volume import VolumePool, open_volume
+
+log = logging.getLogger(__name__)
+
+
+def utc_now():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def default_snapshot_name():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+
+
+class VmOperations:
+    """Operations on VM ``vm`` of ``store``.  ``progress(done, total)`` is
+    called while a merge moves data."""
+
+    def __init__(self, store, vm, progress=None):
+        self.store = store
+        self.vm = vm
+        self.progress = progress
+
+    # -- helpers ------------------------------------------------------------
+
+    def _load(self):
+        m = self.store.load_vm(self.vm)
+        if m.operation is not None:
+            recover_vm(self.store, m)
+            m = self.store.load_vm(self.vm)
+        return m
+
+    def _path(self, vid):
+        return self.store.volume_path(self.vm, vid)
+
+    def _save(self, m):
+        self.store.save_vm(m)
+
+    def _refuse_if_in_use(self, m, vids):
+        for vid in vids:
+            if held_by_qemu(self._path(vid)):
+                raise Busy(f"volume {vid} of VM {self.vm} is in use by QEMU "
+                           f"(it holds the image lock); stop the VM first")
+
+    def _snapshot(self, m, name):
+        snap = m.snapshot(name)
+        if snap is None:
+            raise NotFound(f"VM {self.vm} has no snapshot named {name!r}")
+        return snap
+
+    def _volume_size(self, m, vid):
+        vol = open_volume(self._path(vid), m.volumes[vid]["format"])
+        try:
+            return vol.size
+        finally:
+            vol.close()
+
+    def _new_overlays(self, m, parents, op):
+        """Record, then create and fsync, one overlay per disk on ``parents``."""
+        new = {disk: str(uuid.uuid4()) for disk in m.disks}
+        m.operation = {"op": op, "new": new}
+        self._save(m)
+        crashpoint(f"{op}:recorded")
+        for disk in m.disks:
+            parent = parents[disk]
+            create_image(self._path(new[disk]), self._volume_size(m, parent),
+                         backing=parent, backing_format=m.volumes[parent]["format"])
+            crashpoint(f"{op}:overlay")
+        fsync_dir(self.store.vm_dir(self.vm))
+        for disk in m.disks:
+            m.volumes[new[disk]] = {"disk": disk, "format": "qcow2", "parent": parents[disk]}
+        return new
+
+    def _drop_volumes(self, m, op, doomed, last):
+        """One manifest switch that forgets ``doomed``, then delete them."""
+        for vid in doomed:
+            del m.volumes[vid]
+        m.operation = {"op": op, "delete": sorted(doomed)}
+        m.last_operation = last
+        self._save(m)
+        crashpoint(f"{op}:switched")
+        _finish_deletions(self.store, m)
+
+    # -- operations ---------------------------------------------------------
+
+    def create(self, name=None, description=""):
+        name = check_snapshot_name(name or default_snapshot_name())
+        m = self._load()
+        if m.preview:
+            raise Busy(f"VM {self.vm} has a preview open; commit or undo it first")
+        if m.snapshot(name):
+            raise AlreadyExists(f"VM {self.vm} already has a snapshot named {name!r}")
+        self._refuse_if_in_use(m, m.active.values())
+        for vid in m.active.values():
+            _fsync_file(self._path(vid))     # what the snapshot freezes is on disk
+        old = dict(m.active)
+        m.active = self._new_overlays(m, old, "create")
+        snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(), old)
+        m.snapshots.append(snap)
+        m.operation = None
+        m.last_operation = {"op": "create", "snapshot": name, "finished": utc_now()}
+        self._save(m)
+        crashpoint("create:done")
+        return snap
+
+    def rename(self, old, new):
+        check_snapshot_name(new)
+        m = self._load()
+        snap = self._snapshot(m, old)
+        if old == new:
+            return snap
+        if m.snapshot(new):
+            raise AlreadyExists(f"VM {self.vm} already has a snapshot named {new!r}")
+        snap.name = new
+        m.last_operation = {"op": "rename", "snapshot": new, "from": old, "finished": utc_now()}
+        self._save(m)
+        return snap
+
+    def preview(self, name):
+        m = self._load()
+        if m.preview:
+            raise Busy(f"VM {self.vm} already has a preview open")
+        snap = self._snapshot(m, name)
+        self._refuse_if_in_use(m, m.active.values())
+        before = dict(m.active)
+        m.active = self._new_overlays(m, snap.volumes, "preview")
+        m.preview = {"snapshot": snap.id, "before": before}
+        m.operation = None
+        m.last_operation = {"op": "preview", "snapshot": name, "finished": utc_now()}
+        self._save(m)
+        crashpoint("preview:done")
+
+    def commit(self):
+        """Keep the preview: snapshots newer than it and the old leaves go."""
+        m = self._load()
+        if not m.preview:
+            raise InvalidArgument(f"VM {self.vm} has no preview open")
+        self._refuse_if_in_use(m, list(m.active.values()) + list(m.preview["before"].values()))
+        index = next(i for i, s in enumerate(m.snapshots) if s.id == m.preview["snapshot"])
+        name = m.snapshots[index].name
+        dropped = [s.name for s in m.snapshots[index + 1:]]
+        m.snapshots = m.snapshots[:index + 1]
+        m.preview = None
+        doomed = set(m.volumes) - m.used_volumes()
+        self._drop_volumes(m, "commit", doomed, {"op": "commit", "snapshot": name,
+                                                 "deleted_snapshots": dropped,
+                                                 "finished": utc_now()})
+
+    def undo(self):
+        """End the preview: the previous active leaves are active again."""
+        m = self._load()
+        if not m.preview:
+            raise InvalidArgument(f"VM {self.vm} has no preview open")
+        self._refuse_if_in_use(m, m.active.values())
+        m.active = dict(m.preview["before"])
+        m.preview = None
+        doomed = set(m.volumes) - m.used_volumes()
+        self._drop_volumes(m, "undo", doomed, {"op": "undo", "finished": utc_now()})
+
+    def delete(self, name):
+        """Merge the snapshot's volumes away; every other view is unchanged.
+        Returns the record of what moved (direction and bytes per disk)."""
+        m = self._load()
+        if m.preview:
+            raise Busy(f"VM {self.vm} has a preview open; commit or undo it first")
+        snap = self._snapshot(m, name)
+        pool = VolumePool()
+        try:
+            plans = [plan_merge(self.store, m, disk, snap.volumes[disk], pool) for disk in m.disks]
+        finally:
+            pool.close()
+        involved = [v for p in plans for v in (p.b, p.c, p.d) if v]
+        self._refuse_if_in_use(m, involved)
+        check_space(self.store.vm_dir(self.vm), plans)
+        m.snapshots.remove(snap)
+        m.operation = {"op": "delete", "phase": "merge", "snapshot": snap.to_json(),
+                       "disks": {p.disk: p.to_json() for p in plans}}
+        self._save(m)
+        crashpoint("delete:recorded")
+        return _finish_delete(self.store, m, plans, self.progress)
+
+
+# -- finishing and recovery ---------------------------------------------------
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_deletions(store, m):
+    for vid in m.operation.get("delete", []):
+        try:
+            os.unlink(store.volume_path(m.name, vid))
+        except FileNotFoundError:
+            pass
+        crashpoint(f"{m.operation['op']}:unlinked")
+    fsync_dir(store.vm_dir(m.name))
+    m.operation = None
+    store.save_vm(m)
+
+
+def _finish_delete(store, m, plans, progress=None):
+    """Steps 2-5 of a delete; safe to run again after a crash at any point."""
+    total = sum(p.bytes for p in plans)
+    moved_before = 0
+    for plan in plans:
+        report = (lambda done, base=moved_before: progress(base + done, total)) if progress else None
+        execute_merge(store, m, plan, report)
+        moved_before += plan.bytes
+        crashpoint("delete:moved")
+    for plan in plans:                       # step 3: relink
+        if plan.direction == "commit":
+            if plan.d:
+                set_backing(store.volume_path(m.name, plan.d), plan.b, m.volumes[plan.b]["format"])
+        else:
+            parent = m.volumes[plan.b]["parent"]
+            set_backing(store.volume_path(m.name, plan.c), parent,
+                        m.volumes[parent]["format"] if parent else None)
+        crashpoint("delete:relinked")
+    doomed = []
+    for plan in plans:                       # step 4: the manifest follows
+        if plan.direction == "commit":
+            # B takes over C's role: C's child, C's snapshot or the active state.
+            if plan.d:
+                m.volumes[plan.d]["parent"] = plan.b
+            _replace_volume(m, plan.c, plan.b)
+            doomed.append(plan.c)
+        else:
+            m.volumes[plan.c]["parent"] = m.volumes[plan.b]["parent"]
+            doomed.append(plan.b)
+    for vid in doomed:
+        del m.volumes[vid]
+    snapshot_name = m.operation["snapshot"]["name"]
+    record = {"op": "delete", "snapshot": snapshot_name, "finished": utc_now(),
+              "disks": {p.disk: {"direction": p.direction, "bytes": p.bytes} for p in plans}}
+    m.operation = {"op": "delete", "phase": "cleanup", "delete": sorted(doomed)}
+    m.last_operation = record
+    store.save_vm(m)
+    crashpoint("delete:switched")
+    _finish_deletions(store, m)              # step 5
+    log.info("deleted snapshot %s of %s: %s", snapshot_name, m.name, record["disks"])
+    return record
+
+
+def _replace_volume(m, old, new):
+    for snap in m.snapshots:
+        for disk, vid in snap.volumes.items():
+            if vid == old:
+                snap.volumes[disk] = new
+    for disk, vid in m.active.items():
+        if vid == old:
+            m.active[disk] = new
+
+
+def recover_vm(store, m):
+    """Finish or roll back the operation recorded in ``m``.  Returns a line
+    saying what was done, or None if nothing was pending."""
+    op = m.operation
+    if op is None:
+        return None
+    kind = op["op"]
+    if kind in ("create", "preview") and "new" in op:
+        # Rolled back: the manifest never switched to the new overlays.
+        for vid in op["new"].values():
+            m.volumes.pop(vid, None)
+        m.operation = {"op": kind, "delete": sorted(op["new"].values())}
+        _finish_deletions(store, m)
+        return f"{m.name}: rolled back an interrupted {kind}"
+    if kind == "delete" and op.get("phase") == "merge":
+        # The data move is idempotent: plan it again in the recorded
+        # direction (the copy lists shrink by what already moved) and finish.
+        pool = VolumePool()
+        try:
+            plans = [plan_merge(store, m, disk, p["b"], pool, direction=p["direction"])
+                     for disk, p in op["disks"].items()]
+        finally:
+            pool.close()
+        for plan in plans:
+            plan.bytes = op["disks"][plan.disk]["bytes"]
+        _finish_delete(store, m, plans)
+        return f"{m.name}: finished an interrupted delete of {op['snapshot']['name']}"
+    _finish_deletions(store, m)
+    return f"{m.name}: finished an interrupted {kind}"
+
+
+def recover(store):
+    """Recover every VM of the store.  Returns lines saying what was done."""
+    done = []
+    for name in store.vm_names():
+        try:
+            m = store.load_vm(name)
+        except Exception:          # reported by check; nothing to recover
+            continue
+        line = recover_vm(store, m)
+        if line:
+            log.warning("%s", line)
+            done.append(line)
+    return done
