@@ -69,7 +69,7 @@ def test_locked_store_is_refused(store):
     holder.acquire_lock("mounted at /somewhere")
     try:
         result = snapfs("vm", "add", store, "b", "--disk", "sda=1M", check=False)
-        assert_one_line_error(result, "in use", "mounted at /somewhere")
+        assert_one_line_error(result, "mounted at /somewhere", "through the mount")
         # Reading is still allowed while another process writes.
         assert snapfs("vm", "list", store).returncode == 0
     finally:
