@@ -114,6 +114,25 @@ class StoreChecker:
                          f"manifest says {manifest.volumes[parent]['format']!r}")
         if vol.header.corrupt:
             self.problem(f"{path}: image is marked corrupt")
+        self.check_refcounts(path)
+
+    def check_refcounts(self, path):
+        """Leaks (refcounts above the references) are left by interrupted
+        writes; --repair lowers them.  Refcounts below are corruption."""
+        from .qcow2.leaks import repair_leaks
+        try:
+            leaks, corruptions = repair_leaks(path, dry_run=True)
+            if corruptions:
+                self.problem(f"{path}: {corruptions} cluster(s) referenced more often than "
+                             f"their refcount says (corruption)")
+            if leaks and self.repair:
+                repair_leaks(path)
+                self.repaired.append(f"repaired: {path}: released {leaks} leaked cluster(s)")
+            elif leaks:
+                self.problem(f"{path}: {leaks} leaked cluster(s) (harmless; "
+                             f"'snapfs check --repair' releases them)")
+        except SnapfsError as e:
+            self.problem(str(e))
 
     def check_chains(self, manifest, pool):
         tops = {vid for vid in manifest.active.values()}

@@ -237,7 +237,8 @@ def cmd_snapshot_op(args):
             from tqdm import tqdm
             bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
                        disable=None, leave=False)
-        ops = VmOperations(store, args.vm, progress=_bar_updater(bar) if bar else None)
+        ops = VmOperations(store, args.vm,
+                           progress=_bar_updater(bar) if bar is not None else None)
         try:
             if args.op == "create":
                 snap = ops.create(args.name, args.description)

@@ -30,6 +30,15 @@ class InvalidArgument(SnapfsError):
     errno = errno.EINVAL
 
 
+class NotPermitted(SnapfsError):
+    """The namespace does not allow this here (e.g. mkdir outside snapshots/)."""
+    errno = errno.EPERM
+
+
+class CrossDevice(SnapfsError):
+    errno = errno.EXDEV
+
+
 class Busy(SnapfsError):
     errno = errno.EBUSY
 

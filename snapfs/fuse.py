@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import stat
+import threading
 
 import pyfuse3
 import trio
@@ -18,23 +19,66 @@ from .errors import SnapfsError
 
 log = logging.getLogger(__name__)
 
-# Enough worker threads to overlap reads of different views; the machine
-# has few cores and reads are mostly page-cache hits.
-WORKER_THREADS = 8
+# Worker threads, in separate pools so that one kind of request cannot
+# starve another: writes wait while their VM runs an operation, and an
+# operation (a merge) can take minutes; reads must keep flowing meanwhile.
+READ_THREADS = 8
+WRITE_THREADS = 4
+OPERATION_THREADS = 2
 
 
 class SnapfsOperations(pyfuse3.Operations):
     def __init__(self, vfs):
         super().__init__()
         self.vfs = vfs
+        vfs.notify = self._note_invalidation
+        self._pending = threading.local()
         self.uid = os.getuid()
         self.gid = os.getgid()
-        self._limiter = trio.CapacityLimiter(WORKER_THREADS)
+        self._readers = trio.CapacityLimiter(READ_THREADS)
+        self._writers = trio.CapacityLimiter(WRITE_THREADS)
+        self._operations = trio.CapacityLimiter(OPERATION_THREADS)
+        self._handles = {}
+        self._next_fh = 1
 
-    async def _run(self, fn, *args):
+    def _note_invalidation(self, parent, name):
+        """Called by the Vfs (in a worker thread) for each entry an
+        operation changed; sent to the kernel when the operation returns."""
+        if not hasattr(self._pending, "items"):
+            self._pending.items = []
+        self._pending.items.append((parent, os.fsencode(name)))
+
+    def _operation(self, fn, *args, wait_for_kernel=False):
+        """Run an operation in a worker thread, then drop the kernel's
+        cached entries it made stale.
+
+        With ``wait_for_kernel`` the invalidation completes before the
+        request is answered, so the shell never sees the old entry.  That
+        is only safe when the request holds no directory lock (a write to a
+        control file); rmdir, mkdir and rename hold the snapshots
+        directory's lock, which the kernel needs for the invalidation, so
+        theirs are queued for pyfuse3's notification thread instead.
+        """
+        def call():
+            self._pending.items = []
+            try:
+                return fn(*args)
+            finally:
+                for parent, name in self._pending.items:
+                    if wait_for_kernel:
+                        try:
+                            pyfuse3.invalidate_entry(parent, name)
+                        except (FileNotFoundError, OSError):
+                            pass    # not in the kernel's cache
+                    else:
+                        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+                self._pending.items = []
+        return call
+
+    async def _run(self, fn, *args, limiter=None):
         """Run a Vfs call in a worker thread, mapping errors to errno."""
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self._readers)
         except SnapfsError as e:
             if e.errno == errno.EIO:
                 log.error("%s", e)
@@ -61,6 +105,24 @@ class SnapfsOperations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
         return attr
 
+    def _new_fh(self, handle):
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _handle(self, fh):
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def _owner_only(self, ctx):
+        # default_permissions checks modes; this also covers root-owned
+        # mounts shared with allow_other.
+        if ctx is not None and ctx.uid not in (0, self.uid):
+            raise pyfuse3.FUSEError(errno.EACCES)
+
     # -- metadata -------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
@@ -69,6 +131,12 @@ class SnapfsOperations(pyfuse3.Operations):
 
     async def getattr(self, inode, ctx=None):
         node = await self._run(self.vfs.node, inode)
+        return await self._run(self._attrs, node)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        touch = fields.update_atime or fields.update_mtime
+        node = await self._run(self._operation(self.vfs.setattr, inode, fields.update_size, touch,
+                                               wait_for_kernel=True), limiter=self._operations)
         return await self._run(self._attrs, node)
 
     async def readlink(self, inode, ctx):
@@ -110,30 +178,78 @@ class SnapfsOperations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    # -- the namespace as a command line ----------------------------------
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._owner_only(ctx)
+        node = await self._run(self._operation(self.vfs.mkdir, parent_inode, os.fsdecode(name)),
+                               limiter=self._operations)
+        return await self._run(self._attrs, node)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._owner_only(ctx)
+        handle, node = await self._run(
+            self._operation(self.vfs.create_file, parent_inode, os.fsdecode(name)),
+            limiter=self._operations)
+        attrs = await self._run(self._attrs, node)
+        return pyfuse3.FileInfo(fh=self._new_fh(handle)), attrs
+
+    async def rmdir(self, parent_inode, name, ctx):
+        self._owner_only(ctx)
+        await self._run(self._operation(self.vfs.rmdir, parent_inode, os.fsdecode(name)),
+                        limiter=self._operations)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._owner_only(ctx)
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        await self._run(self._operation(self.vfs.rename, parent_inode_old, os.fsdecode(name_old),
+                                        parent_inode_new, os.fsdecode(name_new)),
+                        limiter=self._operations)
+
     # -- file contents --------------------------------------------------
 
     async def open(self, inode, flags, ctx):
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
-        node = await self._run(self.vfs.open, inode, bool(writable))
-        # Immutable views may stay in the page cache across opens.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=node.immutable)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:
+            self._owner_only(ctx)
+        handle = await self._run(self.vfs.open, inode, writable)
+        node = handle.node
+        # Immutable views may stay in the page cache across opens; status
+        # is made at open and has no fixed size.
+        return pyfuse3.FileInfo(fh=self._new_fh(handle), keep_cache=node.immutable,
+                                direct_io=node.control is not None)
 
     async def read(self, fh, off, size):
-        return await self._run(self.vfs.read, fh, off, size)
+        return await self._run(self.vfs.read, self._handle(fh), off, size)
 
-    async def release(self, fh):
+    async def write(self, fh, off, buf):
+        handle = self._handle(fh)
+        if handle.node.control:
+            return await self._run(self._operation(self.vfs.write, handle, off, buf,
+                                                   wait_for_kernel=True),
+                                   limiter=self._operations)
+        return await self._run(self.vfs.write, handle, off, buf, limiter=self._writers)
+
+    async def fsync(self, fh, datasync):
+        await self._run(self.vfs.fsync, self._handle(fh), limiter=self._writers)
+
+    async def flush(self, fh):
         pass
 
+    async def release(self, fh):
+        self._handles.pop(fh, None)
+
     async def access(self, inode, mode, ctx):
-        node = await self._run(self.vfs.node, inode)
-        if mode & os.W_OK and not stat.S_ISLNK(node.mode):
-            raise pyfuse3.FUSEError(errno.EROFS)
         return True
 
 
 def mount_options(store_path, allow_other=False, extra=()):
     options = set(pyfuse3.default_options)
-    options |= {f"fsname=snapfs:{store_path}", "subtype=snapfs", "ro"}
+    options |= {f"fsname=snapfs:{store_path}", "subtype=snapfs"}
     if allow_other:
         options.add("allow_other")
     options |= set(extra)

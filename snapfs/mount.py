@@ -102,7 +102,14 @@ def _setup_daemon_logging(log_file, debug):
 def _serve(store, mountpoint, allow_other, extra, ready):
     from .fuse import mount_options, serve
     from .vfs import Vfs
+    from .operations import recover
     store.acquire_lock(f"mounted at {mountpoint}")
+    try:
+        for line in recover(store):
+            log.warning("recovered: %s", line)
+    except SnapfsError as e:
+        # The VM keeps its pending operation; the next operation retries it.
+        log.error("recovery incomplete: %s", e)
     vfs = Vfs(store)
     try:
         try:

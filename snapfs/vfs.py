@@ -1,18 +1,23 @@
 """The mounted namespace as plain objects (DESIGN.md section 2).
 
-``Vfs`` answers "what is at this inode, what are its bytes"; it knows
-nothing of FUSE.  Nodes are created lazily and keep their inode numbers for
-the life of the mount.  Every method may block on disk I/O: the FUSE
-adapter calls them from worker threads.
+``Vfs`` answers "what is at this inode, what are its bytes" and carries out
+what the shell asks of it (mkdir, rmdir, mv, writes to control files); it
+knows nothing of FUSE.  Nodes are created lazily and keep their inode
+numbers while what they show is unchanged.  Every method may block on disk
+I/O: the FUSE adapter calls them from worker threads.
 
-    <vm>/active/<disk>.raw                  the current state (read-only for now)
+    <vm>/active/<disk>.raw                  the current state, read-write
     <vm>/snapshots/<name>/<disk>.raw        the disk as of that snapshot
     <vm>/snapshots/<name>/<disk>-partN.raw  its partitions
     <vm>/snapshots/<name>/snapshot.json
     <vm>/snapshots/latest -> <name>
+    <vm>/before-preview/<disk>.raw          while a preview is open
+    <vm>/control/{create,delete,preview,commit,undo,status}
 
-Limitations: the tree reflects the store as it was when each VM was first
-looked up; layer operations (a later change) will refresh it.
+After an operation the VM's tree is compared with the new manifest: nodes
+whose content changed get new inodes, and ``notify(parent, name)`` tells
+the kernel to drop its cached entries (the adapter queues that outside the
+request handler).
 """
 
 import json
@@ -24,22 +29,31 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .chain import Chain
-from .errors import ImageError, NotFound, ReadOnly, SnapfsError, StoreError
+from .errors import (
+    Busy, CrossDevice, InvalidArgument, NotFound, NotPermitted, ReadOnly, SnapfsError,
+)
+from .operations import VmOperations
 from .partitions import find_partitions
+from .views import ActiveDisk, DiskView, PartitionView
 from .volume import VolumePool
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
-# Snapshot contents never change: the kernel may cache them for long.
+# Snapshot contents never change; entries that do are invalidated.
 IMMUTABLE_TIMEOUT = 3600.0
-# Directories whose listing will change with layer operations.
+# Directories and links whose target changes with layer operations.
 MUTABLE_TIMEOUT = 1.0
 
 DIR_MODE = stat.S_IFDIR | 0o555
+SNAPSHOTS_DIR_MODE = stat.S_IFDIR | 0o755    # the owner may mkdir, rmdir, mv
 VIEW_MODE = stat.S_IFREG | 0o440
+ACTIVE_MODE = stat.S_IFREG | 0o660
+CONTROL_MODE = stat.S_IFREG | 0o220
+STATUS_MODE = stat.S_IFREG | 0o440
 LINK_MODE = stat.S_IFLNK | 0o777
+
+CONTROL_COMMANDS = ("create", "delete", "preview", "commit", "undo")
 
 
 @dataclass
@@ -52,82 +66,54 @@ class Node:
     timeout: float = IMMUTABLE_TIMEOUT
     immutable: bool = True
     children: dict | None = None          # name -> inode, once listed
-    lister: object = None                 # () -> list of Node specs
-    view: object = None                   # DiskView / PartitionView / bytes
+    lister: object = None                 # () -> list of node specs
+    view: object = None                   # DiskView, PartitionView, ActiveDisk or bytes
     target: str | None = None             # symlink target
+    control: str | None = None            # control file command, or "status"
+    render: object = None                 # () -> bytes, made at open (snapshot.json)
+    vm: object = None                     # VmState of the VM this node belongs to
+    key: object = None                    # what it shows, to keep it across refreshes
     size: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_dir(self):
         return stat.S_ISDIR(self.mode)
 
 
-class DiskView:
-    """A disk as of one volume: opens (and merges) its chain on first use.
-
-    A broken chain makes this view raise ImageError (EIO); the error is
-    logged once.
-    """
-
-    def __init__(self, pool, refs):
-        self.pool = pool
-        self.refs = refs
-        self._chain = None
-        self._error = None
-        self._lock = threading.Lock()
-
-    @property
-    def size(self):
-        try:
-            return self.pool.get(self.refs[-1].path, self.refs[-1].format).size
-        except SnapfsError:
-            return 0
-
-    def chain(self):
-        with self._lock:
-            if self._chain is None and self._error is None:
-                try:
-                    self._chain = Chain(self.pool, self.refs)
-                except SnapfsError as e:
-                    self._error = e
-                    log.error("volume broken, its views return EIO: %s", e)
-            if self._error is not None:
-                raise self._error
-            return self._chain
-
-    def read(self, offset, length):
-        try:
-            return self.chain().read(offset, length)
-        except ImageError:
-            raise
-        except OSError as e:
-            raise ImageError(self.refs[-1].path, f"read failed: {e.strerror}") from None
+@dataclass
+class Handle:
+    """An open file."""
+    node: Node
+    data: bytes | None = None             # control/status as of open()
 
 
-class PartitionView:
-    def __init__(self, disk, start, length):
-        self.disk, self.start, self.size = disk, start, length
-
-    def read(self, offset, length):
-        if offset >= self.size:
-            return b""
-        return self.disk.read(self.start + offset, min(length, self.size - offset))
+@dataclass
+class VmState:
+    name: str
+    manifest: object
+    inode: int = 0
+    op_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Held by writes to the active disks and by operations (re-entrant:
+    # an operation flushes the disks while holding it).
+    io_lock: threading.RLock = field(default_factory=threading.RLock)
+    running: dict | None = None
+    last_error: dict | None = None
+    active: dict = field(default_factory=dict)    # disk -> ActiveDisk
 
 
 class Vfs:
-    def __init__(self, store, pool=None):
+    def __init__(self, store, pool=None, notify=None):
         self.store = store
         self.pool = pool or VolumePool()
+        self.notify = notify or (lambda parent, name: None)
         self._nodes = {}
         self._next_inode = ROOT_INODE
         self._lock = threading.RLock()
         self.mount_time_ns = time.time_ns()
-        root = self._add("", ROOT_INODE, DIR_MODE, self.mount_time_ns,
-                         timeout=MUTABLE_TIMEOUT, lister=self._list_root)
-        assert root.inode == ROOT_INODE
+        self._add("", ROOT_INODE, DIR_MODE, self.mount_time_ns, timeout=MUTABLE_TIMEOUT,
+                  lister=self._list_root)
 
-    # -- public interface (used by the FUSE adapter) -----------------------
+    # -- lookups and reads ---------------------------------------------------
 
     def node(self, inode):
         try:
@@ -137,8 +123,7 @@ class Vfs:
 
     def lookup(self, parent, name):
         """The child ``name`` of directory inode ``parent``.  Raises NotFound."""
-        children = self._children(self.node(parent))
-        inode = children.get(name)
+        inode = self._children(self.node(parent)).get(name)
         if inode is None:
             raise NotFound(f"no entry {name!r}")
         return self._nodes[inode]
@@ -146,36 +131,193 @@ class Vfs:
     def listdir(self, inode):
         """[(name, Node)] in a stable order."""
         children = self._children(self.node(inode))
-        return [(name, self._nodes[i]) for name, i in children.items()]
+        return [(name, self._nodes[i]) for name, i in list(children.items())]
 
     def size(self, node):
         if node.view is not None and not isinstance(node.view, bytes):
             return node.view.size
+        if node.control == "status":
+            return len(self._status(node.vm))
+        if node.render is not None:
+            return len(node.render())
         return node.size
-
-    def open(self, inode, writable):
-        node = self.node(inode)
-        if node.is_dir:
-            raise NotFound("is a directory")
-        if writable:
-            raise ReadOnly(f"{node.name} is read-only")
-        if isinstance(node.view, DiskView):
-            node.view.chain()    # EIO now rather than on the first read
-        return node
-
-    def read(self, inode, offset, length):
-        view = self.node(inode).view
-        if isinstance(view, bytes):
-            return view[offset:offset + length]
-        return view.read(offset, length)
 
     def readlink(self, inode):
         return self.node(inode).target
 
+    def open(self, inode, writable):
+        node = self.node(inode)
+        if node.is_dir:
+            raise InvalidArgument("is a directory")
+        if node.control == "status":
+            if writable:
+                raise ReadOnly("control/status is read-only")
+            return Handle(node, self._status(node.vm))
+        if node.control:
+            return Handle(node)
+        if node.render is not None:
+            if writable:
+                raise ReadOnly(f"{node.name} is read-only")
+            return Handle(node, node.render())
+        if writable and not isinstance(node.view, ActiveDisk) and not _is_active_part(node):
+            raise ReadOnly(f"{node.name} is a read-only view")
+        if isinstance(node.view, DiskView):
+            node.view.chain()    # EIO now rather than on the first read
+        return Handle(node)
+
+    def read(self, handle, offset, length):
+        if handle.data is not None:
+            return handle.data[offset:offset + length]
+        node = handle.node
+        if node.control:
+            raise InvalidArgument("control files are write-only")
+        if isinstance(node.view, bytes):
+            return node.view[offset:offset + length]
+        return node.view.read(offset, length)
+
+    # -- writes ---------------------------------------------------------------
+
+    def write(self, handle, offset, data):
+        """Write to the active view, or run one control command.  Returns
+        the number of bytes taken."""
+        node = handle.node
+        if node.control:
+            self._control(node, data)
+            return len(data)
+        if isinstance(node.view, ActiveDisk) or _is_active_part(node):
+            node.view.write(offset, data)
+            return len(data)
+        raise ReadOnly(f"{node.name} is a read-only view")
+
+    def fsync(self, handle):
+        node = handle.node
+        if isinstance(node.view, ActiveDisk) or _is_active_part(node):
+            node.view.flush()
+
+    def setattr(self, inode, truncate, touch):
+        """``touch control/create`` (times only) creates a snapshot named by
+        the time; truncation of control files (``echo > file``) is a no-op."""
+        node = self.node(inode)
+        if node.control == "create" and touch and not truncate:
+            self._run(node.vm, "create", lambda ops: ops.create(None))
+        elif truncate and not node.control:
+            raise NotPermitted("the size of a disk view cannot change")
+        return node
+
+    # -- the namespace as a command line ---------------------------------------
+
+    def mkdir(self, parent, name):
+        vm = self._snapshots_dir_vm(parent)
+        self._run(vm, "create", lambda ops: ops.create(name))
+        return self.lookup(parent, name)
+
+    def create_file(self, parent, name):
+        """``touch snapshots/NAME``: create the snapshot, and answer with a
+        short-lived regular file (the kernel insists); the next lookup finds
+        the directory."""
+        vm = self._snapshots_dir_vm(parent)
+        self._run(vm, "create", lambda ops: ops.create(name))
+        node = Node(inode=0, name=name, parent=parent, mode=VIEW_MODE,
+                    mtime_ns=time.time_ns(), timeout=0.0, immutable=False, view=b"", vm=vm)
+        with self._lock:
+            node.inode = self._next_inode
+            self._next_inode += 1
+            self._nodes[node.inode] = node
+        return Handle(node), node
+
+    def rmdir(self, parent, name):
+        vm = self._snapshots_dir_vm(parent)
+        self._run(vm, "delete", lambda ops: ops.delete(name), snapshot=name)
+
+    def rename(self, parent_old, old, parent_new, new):
+        vm = self._snapshots_dir_vm(parent_old)
+        if parent_new != parent_old:
+            other = self.node(parent_new)
+            raise CrossDevice("snapshots move only within their VM's snapshots/") \
+                if other.vm is not vm else NotPermitted("snapshots stay in snapshots/")
+        self._run(vm, "rename", lambda ops: ops.rename(old, new), snapshot=old)
+
+    def _snapshots_dir_vm(self, inode):
+        node = self.node(inode)
+        if node.vm is None or node.name != "snapshots" or node.parent != node.vm.inode:
+            raise NotPermitted("snapshots are created and deleted in <vm>/snapshots/")
+        return node.vm
+
+    def _control(self, node, data):
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise InvalidArgument("control commands are UTF-8 text") from None
+        command = node.control
+        if command == "create":
+            name, _, description = text.partition(" ")
+            self._run(node.vm, "create", lambda ops: ops.create(name or None, description.strip()))
+        elif command in ("delete", "preview"):
+            if not text:
+                raise InvalidArgument(f"control/{command} needs a snapshot name")
+            self._run(node.vm, command, lambda ops: getattr(ops, command)(text), snapshot=text)
+        else:
+            self._run(node.vm, command, lambda ops: getattr(ops, command)())
+
+    # -- running operations ----------------------------------------------------
+
+    def _run(self, vm, op, action, snapshot=None):
+        """Run ``action(VmOperations)`` as the VM's one operation.  Refusals
+        are logged and kept for control/status."""
+        if not vm.op_lock.acquire(blocking=False):
+            running = vm.running["op"] if vm.running else "an operation"
+            self._refused(vm, op, Busy(f"VM {vm.name} is busy: {running} is running"))
+        try:
+            vm.running = {"op": op, "snapshot": snapshot, "started": _utc_now(),
+                          "progress": None}
+
+            def progress(done, total):
+                vm.running["progress"] = {"done": done, "total": total}
+
+            try:
+                with vm.io_lock:
+                    for disk in vm.active.values():
+                        disk.flush()
+                    return action(VmOperations(self.store, vm.name, progress=progress))
+            except SnapfsError as e:
+                self._refused(vm, op, e)
+            finally:
+                self._refresh_vm(vm)
+        finally:
+            vm.running = None
+            vm.op_lock.release()
+
+    def _refused(self, vm, op, error):
+        vm.last_error = {"op": op, "error": str(error), "errno": error.errno,
+                         "time": _utc_now()}
+        log.warning("%s on VM %s refused: %s", op, vm.name, error)
+        raise error
+
+    def _status(self, vm):
+        m = vm.manifest
+        preview = None
+        if m.preview:
+            snap = next((s for s in m.snapshots if s.id == m.preview["snapshot"]), None)
+            preview = {"snapshot": snap.name if snap else None}
+        state = "running" if vm.running else ("preview" if m.preview else "idle")
+        doc = {"vm": vm.name, "state": state, "operation": vm.running, "preview": preview,
+               "snapshots": [s.name for s in m.snapshots],
+               "last_operation": m.last_operation, "last_error": vm.last_error}
+        return (json.dumps(doc, indent=2) + "\n").encode()
+
     def close(self):
+        for vm in self._vms():
+            for disk in vm.active.values():
+                try:
+                    disk.flush()
+                except (SnapfsError, OSError) as e:
+                    log.error("flushing %s failed: %s", vm.name, e)
         self.pool.close()
 
-    # -- building the tree --------------------------------------------------
+    def _vms(self):
+        return [n.vm for n in list(self._nodes.values()) if n.vm is not None and n.inode == n.vm.inode]
+
+    # -- building the tree -------------------------------------------------------
 
     def _add(self, name, parent, mode, mtime_ns, **kw):
         with self._lock:
@@ -192,67 +334,128 @@ class Vfs:
             if node.children is None:
                 node.children = {}
                 for spec in node.lister():
-                    name = spec.pop("name")
-                    child = self._add(name, node.inode, **spec)
-                    node.children[name] = child.inode
+                    self._attach(node, spec)
             return node.children
+
+    def _attach(self, parent, spec):
+        spec = dict(spec)
+        name = spec.pop("name")
+        child = self._add(name, parent.inode, **spec)
+        if child.vm is not None and child.vm.inode == 0:
+            child.vm.inode = child.inode
+        parent.children[name] = child.inode
+        return child
 
     def _list_root(self):
         specs = []
-        for vm in self.store.vm_names():
+        for name in self.store.vm_names():
             try:
-                manifest = self.store.load_vm(vm)
+                manifest = self.store.load_vm(name)
             except (SnapfsError, OSError) as e:
-                log.error("VM %s is not shown: %s", vm, e)
+                log.error("VM %s is not shown: %s", name, e)
                 continue
-            mtime = _iso_ns(manifest.created) or self.mount_time_ns
-            specs.append(dict(name=vm, mode=DIR_MODE, mtime_ns=mtime, timeout=MUTABLE_TIMEOUT,
-                              lister=lambda m=manifest: self._list_vm(m)))
+            vm = VmState(name, manifest)
+            specs.append(dict(name=name, mode=DIR_MODE, mtime_ns=self._time(manifest.created),
+                              timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda vm=vm: self._list_vm(vm)))
         return specs
 
-    def _list_vm(self, manifest):
-        mtime = _iso_ns(manifest.created) or self.mount_time_ns
-        return [
-            dict(name="active", mode=DIR_MODE, mtime_ns=mtime, timeout=MUTABLE_TIMEOUT,
-                 lister=lambda: self._list_disks(manifest, manifest.active, None)),
-            dict(name="snapshots", mode=DIR_MODE, mtime_ns=mtime, timeout=MUTABLE_TIMEOUT,
-                 lister=lambda: self._list_snapshots(manifest)),
+    def _list_vm(self, vm):
+        mtime = self._time(vm.manifest.created)
+        specs = [
+            dict(name="active", mode=DIR_MODE, mtime_ns=mtime, timeout=MUTABLE_TIMEOUT, vm=vm,
+                 key=self._active_key(vm), lister=lambda: self._list_active(vm)),
+            dict(name="snapshots", mode=SNAPSHOTS_DIR_MODE, mtime_ns=mtime,
+                 timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda: self._list_snapshots(vm)),
+            dict(name="control", mode=DIR_MODE, mtime_ns=mtime, vm=vm,
+                 lister=lambda: self._list_control(vm)),
         ]
-
-    def _list_snapshots(self, manifest):
-        specs = []
-        for snap in manifest.snapshots:
-            specs.append(dict(name=snap.name, mode=DIR_MODE,
-                              mtime_ns=_iso_ns(snap.created) or self.mount_time_ns,
-                              lister=lambda s=snap: self._list_disks(manifest, s.volumes, s)))
-        if manifest.snapshots:
-            newest = manifest.snapshots[-1]
-            specs.append(dict(name="latest", mode=LINK_MODE, timeout=MUTABLE_TIMEOUT,
-                              immutable=False, mtime_ns=_iso_ns(newest.created) or self.mount_time_ns,
-                              target=newest.name, size=len(newest.name.encode())))
+        if vm.manifest.preview:
+            specs.append(self._before_preview_spec(vm))
         return specs
 
-    def _list_disks(self, manifest, volumes, snapshot):
-        mtime = (_iso_ns(snapshot.created) if snapshot else None) or self.mount_time_ns
+    def _before_preview_spec(self, vm):
+        before = vm.manifest.preview["before"]
+        return dict(name="before-preview", mode=DIR_MODE, mtime_ns=self.mount_time_ns, vm=vm,
+                    key=("before", tuple(sorted(before.items()))),
+                    lister=lambda: self._list_disks(vm, before, None))
+
+    def _list_control(self, vm):
+        specs = [dict(name=c, mode=CONTROL_MODE, mtime_ns=self.mount_time_ns, control=c, vm=vm,
+                      immutable=False) for c in CONTROL_COMMANDS]
+        specs.append(dict(name="status", mode=STATUS_MODE, mtime_ns=self.mount_time_ns,
+                          control="status", vm=vm, immutable=False, timeout=0.0))
+        return specs
+
+    def _snapshot_key(self, vm, snap):
+        # Not the name: a renamed snapshot keeps its inode, as the kernel
+        # moves its cached entry; snapshot.json is made when opened.
+        m = vm.manifest
+        return (snap.id, tuple(tuple(m.chain(snap.volumes[d])) for d in m.disks))
+
+    def _active_key(self, vm):
+        m = vm.manifest
+        return tuple(tuple(m.chain(m.active[d])) for d in m.disks)
+
+    def _list_snapshots(self, vm):
         specs = []
-        info = {}
-        for disk in manifest.disks:
-            refs = self.store.chain_refs(manifest, volumes[disk])
+        for snap in vm.manifest.snapshots:
+            specs.append(dict(name=snap.name, mode=DIR_MODE, mtime_ns=self._time(snap.created),
+                              vm=vm, key=self._snapshot_key(vm, snap),
+                              lister=lambda s=snap: self._list_disks(vm, s.volumes, s)))
+        if vm.manifest.snapshots:
+            newest = vm.manifest.snapshots[-1]
+            specs.append(dict(name="latest", mode=LINK_MODE, timeout=MUTABLE_TIMEOUT,
+                              immutable=False, mtime_ns=self._time(newest.created), vm=vm,
+                              key=("latest",), target=newest.name,
+                              size=len(newest.name.encode())))
+        return specs
+
+    def _list_active(self, vm):
+        m = vm.manifest
+        for disk in vm.active.values():
+            disk.retire()
+        vm.active = {d: ActiveDisk(self.pool, self.store.chain_refs(m, m.active[d]), vm.io_lock)
+                     for d in m.disks}
+        specs = []
+        for disk in m.disks:
+            view = vm.active[disk]
+            specs.append(dict(name=f"{disk}.raw", mode=ACTIVE_MODE, mtime_ns=self.mount_time_ns,
+                              view=view, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT))
+            for part in self._partitions(view):
+                specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=ACTIVE_MODE,
+                                  mtime_ns=self.mount_time_ns, vm=vm, immutable=False,
+                                  timeout=MUTABLE_TIMEOUT,
+                                  view=PartitionView(view, part.start, part.length)))
+        return specs
+
+    def _list_disks(self, vm, volumes, snapshot):
+        m = vm.manifest
+        mtime = self._time(snapshot.created) if snapshot else self.mount_time_ns
+        specs, info = [], {}
+        for disk in m.disks:
+            refs = self.store.chain_refs(m, volumes[disk])
             view = DiskView(self.pool, refs)
-            specs.append(dict(name=f"{disk}.raw", mode=VIEW_MODE, mtime_ns=mtime, view=view))
+            specs.append(dict(name=f"{disk}.raw", mode=VIEW_MODE, mtime_ns=mtime, view=view, vm=vm))
             info[disk] = {"volume": volumes[disk], "chain": [os.path.basename(r.path) for r in refs],
                           "size": view.size}
             for part in self._partitions(view):
                 specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=VIEW_MODE,
-                                  mtime_ns=mtime,
+                                  mtime_ns=mtime, vm=vm,
                                   view=PartitionView(view, part.start, part.length)))
         if snapshot is not None:
-            doc = snapshot.to_json()
-            doc["volumes"] = info
-            data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-            specs.append(dict(name="snapshot.json", mode=VIEW_MODE, mtime_ns=mtime, view=data,
-                              size=len(data)))
+            specs.append(dict(name="snapshot.json", mode=VIEW_MODE, mtime_ns=mtime, vm=vm,
+                              immutable=False, timeout=MUTABLE_TIMEOUT,
+                              render=lambda: self._snapshot_json(vm, snapshot.id, info)))
         return specs
+
+    def _snapshot_json(self, vm, snapshot_id, volumes):
+        """The snapshot's record as it is now (its name can change)."""
+        snap = next((s for s in vm.manifest.snapshots if s.id == snapshot_id), None)
+        if snap is None:
+            raise NotFound("the snapshot was deleted")
+        doc = snap.to_json()
+        doc["volumes"] = volumes
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     def _partitions(self, view):
         try:
@@ -260,10 +463,81 @@ class Vfs:
         except SnapfsError:
             return []    # already logged by the view
 
+    # -- keeping the tree in step with the manifest ----------------------------
 
-def _iso_ns(text):
-    """Nanoseconds since the epoch of an ISO-8601 UTC time, or None."""
-    try:
-        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9)
-    except (ValueError, AttributeError):
-        return None
+    def _refresh_vm(self, vm):
+        """Reload the manifest after an operation and replace what changed."""
+        try:
+            vm.manifest = self.store.load_vm(vm.name)
+        except SnapfsError as e:
+            log.error("VM %s cannot be reloaded: %s", vm.name, e)
+            return
+        # Volumes changed on disk (merged, relinked, deleted): open them anew.
+        self.pool.forget(self.store.vm_dir(vm.name))
+        with self._lock:
+            vm_node = self._nodes[vm.inode]
+            if vm_node.children is None:
+                return
+            self._refresh_dir(vm_node, "snapshots", self._list_snapshots(vm))
+            active = self._nodes[vm_node.children["active"]]
+            if active.key != self._active_key(vm):
+                active.key = self._active_key(vm)
+                self._reset(active)
+            wanted = [self._before_preview_spec(vm)] if vm.manifest.preview else []
+            self._refresh_children(vm_node, wanted, only={"before-preview"})
+
+    def _refresh_dir(self, vm_node, name, specs):
+        node = self._nodes[vm_node.children[name]]
+        if node.children is not None:
+            self._refresh_children(node, specs)
+
+    def _refresh_children(self, parent, specs, only=None):
+        """Make ``parent``'s children match ``specs``: a child with the same
+        key keeps its inode (even under a new name); the rest are replaced.
+        Every name whose meaning changed is invalidated in the kernel."""
+        old = {n: i for n, i in parent.children.items() if only is None or n in only}
+        by_key = {self._nodes[i].key: i for i in old.values() if self._nodes[i].key is not None}
+        new = {}
+        for spec in specs:
+            inode = by_key.pop(spec.get("key"), None) if spec.get("key") is not None else None
+            if inode is not None:
+                node = self._nodes[inode]
+                node.name = spec["name"]
+                # A link keeps its inode; its target changes in place, so a
+                # readlink never sees the old one.
+                node.target, node.size = spec.get("target"), spec.get("size", 0)
+                node.mtime_ns = spec["mtime_ns"]
+                new[spec["name"]] = inode
+            else:
+                del_name = spec["name"]
+                parent.children.pop(del_name, None)
+                new[del_name] = self._attach(parent, spec).inode
+        for name, inode in old.items():
+            if new.get(name) != inode:
+                self.notify(parent.inode, name)
+                if parent.children.get(name) == inode:
+                    del parent.children[name]
+        for name, inode in new.items():
+            if old.get(name) is None:
+                self.notify(parent.inode, name)   # may be cached as absent
+        parent.children.update(new)
+
+    def _reset(self, node):
+        """Forget a directory's listing (it is rebuilt on the next lookup)."""
+        for name in list(node.children or ()):
+            self.notify(node.inode, name)
+        node.children = None
+
+    def _time(self, iso):
+        try:
+            return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1e9)
+        except (ValueError, AttributeError):
+            return self.mount_time_ns
+
+
+def _is_active_part(node):
+    return isinstance(node.view, PartitionView) and isinstance(node.view.disk, ActiveDisk)
+
+
+def _utc_now():
+    return datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")

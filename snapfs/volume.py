@@ -3,6 +3,7 @@
 The manifest says which format a volume has; nothing here probes.
 """
 
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -43,6 +44,8 @@ class RawVolume:
             os.close(self.fd)
             self.fd = -1
 
+    __del__ = close
+
 
 class Qcow2Volume(Qcow2Image):
     format = "qcow2"
@@ -70,8 +73,11 @@ def open_volume(path, fmt):
     raise ImageError(path, f"unknown volume format {fmt!r}")
 
 
+_tokens = itertools.count(1)
+
+
 class ClusterCache:
-    """Bounded LRU of decompressed clusters, keyed by (volume path, host offset).
+    """Bounded LRU of decompressed clusters, keyed by (open volume, host offset).
 
     Thread-safe: reads run in worker threads.
     """
@@ -83,7 +89,9 @@ class ClusterCache:
         self._lock = threading.Lock()
 
     def get(self, volume, host, nbytes):
-        key = (volume.path, host)
+        # Keyed by the open volume, not its path: a merge may rewrite a file
+        # under the same name.
+        key = (volume.token, host)
         with self._lock:
             data = self._items.get(key)
             if data is not None:
@@ -116,6 +124,7 @@ class VolumePool:
             vol = self._volumes.get(key)
             if vol is None:
                 vol = open_volume(key, fmt)
+                vol.token = next(_tokens)
                 self._volumes[key] = vol
             return vol
 
@@ -125,6 +134,15 @@ class VolumePool:
             runs = volume.runs()
             self._runs[volume.path] = runs
         return runs
+
+    def forget(self, directory):
+        """Drop the volumes under ``directory``: they changed on disk.  Chains
+        that still hold them keep reading; each file closes with its last user."""
+        prefix = os.path.join(directory, "")
+        with self._lock:
+            for path in [p for p in self._volumes if p.startswith(prefix)]:
+                del self._volumes[path]
+                self._runs.pop(path, None)
 
     def close(self):
         with self._lock:

@@ -21,13 +21,15 @@ class Qcow2Image:
         try:
             self.header = read_header(self.fd, self.path)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
 
     def close(self):
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    __del__ = close
 
     def __enter__(self):
         return self

@@ -1,16 +1,37 @@
-"""Write qcow2 metadata: new empty images, and backing references.
+"""Write qcow2 images: new empty images, backing references, guest writes.
 
-Only what the store needs now: creating an empty image (optionally on top
-of a backing volume) and rewriting an image's backing name and format.
-Both produce images that ``qemu-img check`` reports clean.
+``create_image`` and ``set_backing`` write the metadata the store needs;
+both produce images that ``qemu-img check`` reports clean.
+
+``Qcow2Writer`` reads and writes the guest view of one image.  Each
+``write()`` is one batch whose on-disk order keeps the image consistent if
+the process dies (or the power fails) at any instant; the worst outcome is
+leaked clusters:
+
+1. refcounts of the new clusters (new refcount blocks first linked into the
+   table after a sync), then the data and any new L2 tables; fdatasync;
+2. the L2 entries and L1 entries that point at them (fdatasync only if
+   step 3 follows);
+3. refcount decrements of the clusters no longer pointed at.
+
+Overwritten clusters that are shared (internal snapshots), compressed, or
+(extended L2) not fully allocated are copied to a new cluster; shared L2
+tables are copied on write.  Everything else is overwritten in place.
 """
 
+import errno
 import os
 import struct
+import threading
+from array import array
+from collections import Counter, OrderedDict
 
-from ..errors import CorruptImage, InvalidArgument
+from ..errors import CorruptImage, InvalidArgument, NoSpace, ReadOnly
 from . import structs as S
+from .compress import decompress_cluster
 from .header import read_header
+from .mapping import image_runs, read_u64_table
+from .refcount import ImageFile, Refcounts, be_bytes as _be
 
 DEFAULT_CLUSTER_BITS = 16
 HEADER_LENGTH = 112  # v3 header with the compression type byte, padded
@@ -103,3 +124,502 @@ def set_backing(path, backing, backing_format):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# L2 tables kept in memory, decoded.  8 MiB is 128 tables of 64 KiB
+# clusters, which map 64 GiB of guest disk: a working set's tables stay
+# cached.  The most recently used table is kept whatever its size.
+L2_CACHE_BYTES = 8 << 20
+# write_zeroes() works in batches of at most this many bytes, so zeroing a
+# large range of a v2 image (which needs real zero clusters) never builds
+# one huge batch in memory.
+ZERO_BATCH_BYTES = 32 << 20
+
+_ALLOC_ALL = 0xFFFFFFFF           # extended L2: all subclusters allocated
+_ZERO_ALL = 0xFFFFFFFF << 32      # extended L2: all subclusters read as zeros
+_HEADER_INCOMPAT = 72             # byte offsets of v3 header fields
+_HEADER_AUTOCLEAR = 88
+
+# What a guest range maps to, for reads.  _EXT: an extended L2 entry that is
+# not compressed (look at its bitmap).
+_BELOW, _DATA, _ZERO, _COMP, _EXT = range(5)
+
+
+class _TablePlan:
+    """Changes one write() makes to one L2 table."""
+
+    def __init__(self, offset, table, copied):
+        self.offset = offset        # current table (0: none)
+        self.table = table          # its entries, or None
+        self.copied = copied        # written in place (refcount 1)
+        self.changes = []           # (l2 index, (entry, bitmap) | None, content)
+        self.new_offset = 0         # where the new/copied table goes
+
+
+class Qcow2Writer:
+    """Read and write the guest view of one qcow2 image (its own layer over ``below``).
+
+    ``below(offset, length)`` returns the flattened view of the backing
+    chain (None: no backing, unallocated clusters read as zeros);
+    ``on_step(name)`` is called at each durable ordering point of a write,
+    for fault injection.  Reading works on any image ``read_header``
+    accepts; writing is refused for images marked corrupt or dirty.
+
+    Raises CorruptImage for unknown incompatible feature bits or an L1
+    table too small or truncated, UnsupportedImage (from ``read_header``),
+    OSError.
+    """
+
+    def __init__(self, path, below=None, on_step=None):
+        self.path = str(path)
+        self._below = below
+        self._on_step = on_step
+        self._refuse = None
+        # One operation at a time: a read must not see the in-memory tables
+        # of a write whose data is not on disk yet.
+        self._lock = threading.RLock()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._refuse = ReadOnly(f"{self.path}: the image file is read-only")
+        self.fd, self._unsynced = fd, False
+        try:
+            self._load()
+        except BaseException:
+            os.close(fd)
+            self.fd = -1
+            raise
+
+    def _load(self):
+        """(Re)read the header and the L1 table; forget every cache."""
+        head = os.pread(self.fd, _HEADER_INCOMPAT + 8, 0)
+        if len(head) == _HEADER_INCOMPAT + 8 and head[:4] == S.MAGIC \
+                and int.from_bytes(head[4:8], "big") == 3:
+            unknown = int.from_bytes(head[_HEADER_INCOMPAT:], "big") & ~S.INCOMPAT_KNOWN
+            if unknown:
+                raise CorruptImage(self.path, f"unknown incompatible feature bits {unknown:#x}: "
+                                              "snapfs cannot interpret this image and will not write it")
+        hdr = read_header(self.fd, self.path)
+        # read_header has checked that the L1 table covers the virtual size
+        # (CorruptImage otherwise), so writes never grow it, and that it is
+        # at most 32 MiB: it stays in memory whole.
+        self._l1 = read_u64_table(self.fd, hdr.l1_table_offset, hdr.l1_size)
+        if len(self._l1) < hdr.l1_size:
+            raise CorruptImage(self.path, "L1 table is truncated")
+        self.header, self.size = hdr, hdr.size
+        self._io = ImageFile(self.fd, hdr, self._on_step)
+        self._refs = None       # loaded by the first write
+        self._l2 = OrderedDict()  # L2 table offset -> array('Q'), LRU order
+        self._zeros = bytes(hdr.cluster_size)
+
+    # -- public API --------------------------------------------------------
+
+    def read(self, offset, length):
+        """Guest bytes [offset, offset + length): own clusters, else ``below``.
+
+        Raises ValueError outside the disk, CorruptImage for tables or
+        clusters that are inconsistent or outside the file, OSError.
+        """
+        with self._lock:
+            self._check_range(offset, length)
+            pieces = self._pieces(offset, length)
+            if len(pieces) == 1 and pieces[0][0] == _DATA:
+                # One extent (the common case): no intermediate buffer, whose
+                # page faults would cost more than the read itself.
+                data = os.pread(self.fd, length, pieces[0][3])
+                data += bytes(length - len(data))   # past the end of the file: zeros
+            else:
+                out = bytearray(length)
+                self._fill(memoryview(out), offset, pieces)
+                data = bytes(out)
+            self._trim()
+            return data
+
+    def write(self, offset, data):
+        """Write ``data`` (bytes-like) at guest ``offset``.
+
+        Raises ValueError outside the disk; CorruptImage if the image is
+        marked corrupt or dirty or its tables are inconsistent; ReadOnly;
+        NoSpace when the file system or the refcount table is full; OSError.
+        After an error the writer re-reads the image (leaks are possible).
+        """
+        data = memoryview(data).cast("B")
+        with self._lock:
+            self._check_range(offset, len(data))
+            self._check_writable()
+            if len(data):
+                self._batch(offset, len(data), data)
+
+    def write_zeroes(self, offset, length):
+        """Make guest [offset, offset + length) read as zeros.
+
+        Whole clusters get the zero flag on v3 images (their old clusters
+        are released); partial clusters and v2 images get zero bytes.
+        Raises like ``write``.
+        """
+        with self._lock:
+            self._check_range(offset, length)
+            self._check_writable()
+            end = offset + length
+            mask = self.header.cluster_size - 1
+            while offset < end:
+                stop = min(end, (offset + ZERO_BATCH_BYTES) & ~mask)
+                self._batch(offset, stop - offset, None)
+                offset = stop
+
+    def allocated_runs(self):
+        """This image's runs now, as ``mapping.image_runs``.  Raises CorruptImage, OSError."""
+        with self._lock:
+            return image_runs(self.fd, self.header)
+
+    def flush(self):
+        """Make every completed write durable (fdatasync).  Raises OSError."""
+        os.fdatasync(self.fd)
+        self._unsynced = False
+
+    def close(self):
+        """Flush (if anything was written) and close.  Raises OSError."""
+        with self._lock:
+            if self.fd < 0:
+                return
+            try:
+                if self._unsynced:
+                    self.flush()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- checks ------------------------------------------------------------
+
+    def _check_range(self, offset, length):
+        if self.fd < 0:
+            raise ValueError(f"{self.path}: the image is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} lies outside the disk "
+                             f"({self.size} bytes)")
+
+    def _check_writable(self):
+        hdr = self.header
+        if hdr.corrupt:
+            raise CorruptImage(self.path, "image is marked corrupt; it will not be written "
+                                          "(repair it with qemu-img check -r all)")
+        if hdr.dirty:
+            raise CorruptImage(self.path, "image is marked dirty (refcounts may be stale); it will "
+                                          "not be written (repair it with qemu-img check -r all)")
+        if self._refuse is not None:
+            raise self._refuse
+
+    # -- tables ------------------------------------------------------------
+
+    def _table(self, l1i):
+        """(offset, entries, copied) of L2 table ``l1i``; (0, None, False) if none.
+        Raises CorruptImage for a misplaced table."""
+        entry = self._l1[l1i]
+        off = entry & S.OFFSET_MASK
+        if not off:
+            return 0, None, False
+        table = self._l2.get(off)
+        if table is None:
+            cs = self.header.cluster_size
+            if off % cs:
+                raise CorruptImage(self.path, f"L2 table offset {off:#x} is not cluster aligned")
+            if off + cs > self.header.file_size:
+                raise CorruptImage(self.path, f"L2 table at {off:#x} lies past the end of the file")
+            table = read_u64_table(self.fd, off, cs // 8)
+            self._l2[off] = table
+        else:
+            self._l2.move_to_end(off)
+        return off, table, bool(entry & S.L2E_COPIED)
+
+    def _entry(self, table, l2i):
+        if table is None:
+            return 0, 0
+        if self.header.extended_l2:
+            return table[2 * l2i], table[2 * l2i + 1]
+        return table[l2i], 0
+
+    def _classify(self, entry, bitmap, guest):
+        """(kind, host, aux) of an L2 entry, checked against the file.
+
+        _COMP: aux is the compressed byte count; _EXT: aux is the bitmap.
+        Raises CorruptImage for an entry outside the file or self-contradictory.
+        """
+        hdr = self.header
+        if entry & S.L2E_COMPRESSED:
+            if bitmap:
+                raise CorruptImage(self.path, f"compressed cluster with a bitmap at {guest:#x}")
+            shift = 62 - (hdr.cluster_bits - 8)
+            host = entry & ((1 << shift) - 1)
+            sectors = ((entry >> shift) & ((1 << (hdr.cluster_bits - 8)) - 1)) + 1
+            if host < hdr.cluster_size or host >= hdr.file_size:
+                raise CorruptImage(self.path, f"compressed cluster at {host:#x} is outside the file")
+            return _COMP, host, sectors * 512 - (host & 511)
+        host = entry & S.OFFSET_MASK
+        if host and (host % hdr.cluster_size or host >= hdr.file_size):
+            raise CorruptImage(self.path, f"L2 entry for guest {guest:#x} points at {host:#x}, "
+                                          "misaligned or past the end of the file")
+        if hdr.extended_l2:
+            alloc, zero = bitmap & _ALLOC_ALL, bitmap >> 32
+            if alloc & zero or (alloc and not host):
+                raise CorruptImage(self.path, f"invalid bitmap {bitmap:#x} at guest {guest:#x}")
+            return _EXT, host, bitmap
+        if entry & S.L2E_ZERO:
+            return _ZERO, host, 0
+        return (_DATA, host, 0) if host else (_BELOW, 0, 0)
+
+    def _trim(self):
+        """Evict L2 tables beyond L2_CACHE_BYTES, least recently used first."""
+        cs = self.header.cluster_size
+        while len(self._l2) > 1 and len(self._l2) * cs > L2_CACHE_BYTES:
+            self._l2.popitem(last=False)
+        if self._refs is not None:
+            self._refs.trim()
+
+    # -- reading -----------------------------------------------------------
+
+    def _pieces(self, offset, length):
+        """[kind, guest start, length, host] extents of a guest range, merged.
+        Raises CorruptImage (from ``_table``, ``_classify``)."""
+        hdr = self.header
+        cs, cb, l2n = hdr.cluster_size, hdr.cluster_bits, hdr.l2_entries
+        pieces = []   # [kind, guest start, length, host]; adjacent ones merged
+
+        def add(kind, start, n, host=0):
+            if pieces:
+                last = pieces[-1]
+                if last[0] == kind and last[1] + last[2] == start and kind != _COMP \
+                        and (kind != _DATA or last[3] + last[2] == host):
+                    last[2] += n
+                    return
+            pieces.append([kind, start, n, host])
+
+        pos, end = offset, offset + length
+        while pos < end:
+            c0 = pos >> cb << cb
+            stop = min(c0 + cs, end)
+            _, table, _ = self._table((pos >> cb) // l2n)
+            entry, bitmap = self._entry(table, (pos >> cb) % l2n)
+            kind, host, aux = self._classify(entry, bitmap, c0)
+            if kind == _EXT:
+                alloc, zero = aux & _ALLOC_ALL, aux >> 32
+                if alloc == _ALLOC_ALL:
+                    add(_DATA, pos, stop - pos, host + pos - c0)
+                elif zero == _ALLOC_ALL or not (alloc | zero):
+                    add(_ZERO if zero else _BELOW, pos, stop - pos)
+                else:
+                    sc = cs >> 5
+                    s = pos
+                    while s < stop:
+                        j = (s - c0) // sc
+                        e = min(stop, c0 + (j + 1) * sc)
+                        if alloc >> j & 1:
+                            add(_DATA, s, e - s, host + s - c0)
+                        else:
+                            add(_ZERO if zero >> j & 1 else _BELOW, s, e - s)
+                        s = e
+            elif kind == _COMP:
+                pieces.append([_COMP, pos, stop - pos, (host, aux, c0)])
+            elif kind == _DATA:
+                add(_DATA, pos, stop - pos, host + pos - c0)
+            else:
+                add(kind, pos, stop - pos)
+            pos = stop
+        return pieces
+
+    def _fill(self, out, offset, pieces):
+        """Fill ``out`` (zeroed, guest bytes from ``offset``) from ``pieces``.
+        Raises CorruptImage (compressed data), OSError."""
+        hdr = self.header
+        for kind, start, n, host in pieces:
+            dst = out[start - offset:start - offset + n]
+            if kind == _DATA:
+                # Past the end of the file reads as zeros, as in QEMU.
+                os.preadv(self.fd, [dst], host)
+            elif kind == _BELOW and self._below is not None:
+                data = self._below(start, n)
+                dst[:min(n, len(data))] = data[:n]
+            elif kind == _COMP:
+                chost, nbytes, c0 = host
+                raw = os.pread(self.fd, min(nbytes, hdr.file_size - chost), chost)
+                cluster = decompress_cluster(self.path, raw, hdr.cluster_size,
+                                             hdr.compression_type)
+                dst[:] = cluster[start - c0:start - c0 + n]
+
+    # -- writing -----------------------------------------------------------
+
+    def _refcounts(self):
+        if self._refs is None:
+            self._refs = Refcounts(self._io)
+            if self.header.autoclear_features:
+                # Autoclear bits (e.g. persistent bitmaps) describe data this
+                # writer does not maintain: the spec says to clear them
+                # before changing the image.
+                self._io.pwrite(bytes(8), _HEADER_AUTOCLEAR)
+                self._io.sync()
+                self.header.autoclear_features = 0
+                self._io.step("autoclear")
+        return self._refs
+
+    def _batch(self, offset, length, data):
+        """One write() batch; on any error re-read the image and re-raise
+        (ENOSPC / EDQUOT as NoSpace)."""
+        self._unsynced = True
+        try:
+            self._write(offset, length, data)
+        except BaseException as e:
+            try:
+                self._load()
+            except Exception:
+                self._refuse = CorruptImage(self.path, "cannot re-read the image after a "
+                                                       "failed write; reopen it")
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"{self.path}: no space left for a write") from e
+            raise
+        self._trim()
+
+    def _write(self, offset, length, data):
+        """Plan every cluster of the range, allocate, then write in order.
+        ``data`` None means zeroes.  Raises CorruptImage, NoSpace, OSError."""
+        hdr = self.header
+        cs, cb, l2n, ext = hdr.cluster_size, hdr.cluster_bits, hdr.l2_entries, hdr.extended_l2
+        v3 = hdr.version >= 3
+        refs = self._refcounts()
+        zero_entry = (0, _ZERO_ALL) if ext else (S.L2E_ZERO, 0)
+        # Unallocated clusters already read as zeros: zeros need no entry.
+        bare = hdr.backing_file is None and self._below is None
+        zeros = memoryview(self._zeros)
+        end = offset + length
+        plans = {}            # l1 index -> _TablePlan
+        inplace = []          # (host offset, [buffer])
+        drops = Counter()     # cluster index -> references to drop afterwards
+        for g in range(offset >> cb, ((end - 1) >> cb) + 1):
+            c0 = g << cb
+            lo, hi = max(offset, c0) - c0, min(end, c0 + cs) - c0
+            limit = min(cs, self.size - c0)
+            whole = lo == 0 and hi >= limit
+            l1i, l2i = divmod(g, l2n)
+            l2off, table, copied = self._table(l1i)
+            entry, bitmap = self._entry(table, l2i)
+            kind, host, aux = self._classify(entry, bitmap, c0)
+            if host and kind != _COMP and (refs.is_metadata(host) or host in self._l2):
+                # A hostile image must not get its tables overwritten or freed.
+                raise CorruptImage(self.path, f"guest cluster {c0:#x} maps to metadata at {host:#x}")
+            content = None
+            if data is None and whole and v3:
+                zero = True
+            else:
+                piece = zeros[:hi - lo] if data is None else data[c0 + lo - offset:c0 + hi - offset]
+                if copied and entry & S.L2E_COPIED and (
+                        kind == _DATA or kind == _EXT and aux & _ALLOC_ALL == _ALLOC_ALL):
+                    inplace.append((host + lo, [piece]))
+                    continue
+                if whole:
+                    content = piece
+                else:
+                    content = bytearray(cs)
+                    self._fill(memoryview(content), c0, self._pieces(c0, limit))
+                    content[lo:hi] = piece
+                zero = self._is_zero(content)
+            if zero:
+                if bare and not entry and not bitmap:
+                    continue
+                if v3:
+                    if (entry, bitmap) == zero_entry:
+                        continue
+                    content = None
+            plan = plans.get(l1i)
+            if plan is None:
+                plan = plans[l1i] = _TablePlan(l2off, table, copied)
+            plan.changes.append((l2i, zero_entry if content is None else None, content))
+            if kind == _COMP:
+                for c in range(host >> cb, ((host + aux - 1) >> cb) + 1):
+                    drops[c] += 1
+            elif host:
+                drops[host >> cb] += 1
+        if not plans and not inplace:
+            return
+
+        # Allocate (refcounts change in memory only, except for a refcount
+        # table growth, which is complete and consistent on its own).
+        for plan in plans.values():
+            if plan.table is not None and not plan.copied:
+                drops[plan.offset >> cb] += 1   # shared table: copied on write
+        refs.check_release(drops)
+        fresh = sum(1 for p in plans.values() for _, new, _ in p.changes if new is None)
+        hosts = iter(refs.allocate(fresh))
+        moved = [p for p in plans.values() if not p.copied]
+        for plan, c in zip(moved, refs.allocate(len(moved))):
+            plan.new_offset = c << cb
+        writes = inplace
+        for plan in plans.values():
+            if plan.copied:
+                arr = plan.table
+            else:
+                arr = array("Q", plan.table if plan.table is not None else self._zeros)
+            for l2i, new, content in plan.changes:
+                if new is None:
+                    h = next(hosts) << cb
+                    new = (h | S.L2E_COPIED, _ALLOC_ALL if ext else 0)
+                    bufs = [content] if len(content) == cs else [content, zeros[len(content):]]
+                    writes.append((h, bufs))
+                if ext:
+                    arr[2 * l2i], arr[2 * l2i + 1] = new
+                else:
+                    arr[l2i] = new[0]
+            plan.table = arr
+
+        # 1. refcounts, data, new tables; sync.
+        io = self._io
+        refs.write_dirty()
+        io.step("refcounts")
+        if refs.unlinked:
+            io.sync()   # new refcount blocks are on disk before the table names them
+            refs.link_new_blocks()
+            io.step("reftable-entry")
+        io.pwrite_runs(writes)
+        for plan in moved:
+            io.pwrite(_be(plan.table), plan.new_offset)
+        if plans:
+            io.sync()
+        io.step("data")
+        # 2. pointers.
+        width = 2 if ext else 1
+        l1_changed = []
+        for l1i, plan in plans.items():
+            if plan.copied:
+                idx = [c[0] for c in plan.changes]
+                lo, hi = min(idx) * width, (max(idx) + 1) * width
+                io.pwrite(_be(plan.table[lo:hi]), plan.offset + 8 * lo)
+            else:
+                self._l1[l1i] = plan.new_offset | S.L2E_COPIED
+                self._l2[plan.new_offset] = plan.table
+                l1_changed.append(l1i)
+        if l1_changed:
+            lo, hi = min(l1_changed), max(l1_changed) + 1
+            io.pwrite(_be(self._l1[lo:hi]), hdr.l1_table_offset + 8 * lo)
+        if drops:
+            io.sync()   # nothing points at the old clusters before they are freed
+        io.step("l2")
+        # 3. release.
+        if drops:
+            for c in refs.release(drops):
+                self._l2.pop(c << cb, None)
+            refs.write_dirty()
+            io.step("free")
+
+    def _is_zero(self, buf):
+        n = len(buf)
+        if buf[0] or buf[n - 1]:
+            return False
+        if isinstance(buf, memoryview):
+            buf = buf.tobytes()   # memoryview == bytes compares item by item: slow
+        return buf == self._zeros[:n]

@@ -38,7 +38,7 @@ def path(vfs, *names):
 
 def test_layout(vfs):
     assert [n for n, _ in vfs.listdir(ROOT_INODE)] == ["web"]
-    assert [n for n, _ in vfs.listdir(path(vfs, "web").inode)] == ["active", "snapshots"]
+    assert [n for n, _ in vfs.listdir(path(vfs, "web").inode)] == ["active", "snapshots", "control"]
     snaps = path(vfs, "web", "snapshots")
     assert [n for n, _ in vfs.listdir(snaps.inode)] == ["monday", "tuesday", "latest"]
     assert vfs.readlink(path(vfs, "web", "snapshots", "latest").inode) == "tuesday"
@@ -48,15 +48,19 @@ def test_layout(vfs):
     assert path(vfs, "web", "active", "sda.raw").inode == path(vfs, "web", "active", "sda.raw").inode
 
 
+def read(vfs, node, offset, length):
+    return vfs.read(vfs.open(node.inode, writable=False), offset, length)
+
+
 def test_contents(vfs):
     monday = path(vfs, "web", "snapshots", "monday", "sda.raw")
     active = path(vfs, "web", "active", "sda.raw")
     assert vfs.size(monday) == 1 << 20
-    assert vfs.read(monday.inode, 0, 8192) == b"\x01" * 8192
-    assert vfs.read(active.inode, 0, 8192) == b"\x02" * 4096 + b"\x01" * 4096
-    assert vfs.read(active.inode, (1 << 20) - 10, 100) == bytes(10)
-    doc = json.loads(vfs.read(path(vfs, "web", "snapshots", "tuesday", "snapshot.json").inode,
-                              0, 1 << 16))
+    assert read(vfs, monday, 0, 8192) == b"\x01" * 8192
+    assert read(vfs, active, 0, 8192) == b"\x02" * 4096 + b"\x01" * 4096
+    assert read(vfs, active, (1 << 20) - 10, 100) == bytes(10)
+    doc = json.loads(read(vfs, path(vfs, "web", "snapshots", "tuesday", "snapshot.json"),
+                          0, 1 << 16))
     assert doc["name"] == "tuesday" and doc["description"] == "imported from tuesday.qcow2"
     assert len(doc["volumes"]["sda"]["chain"]) == 2 and doc["volumes"]["sdb"]["size"] == 2 << 20
 

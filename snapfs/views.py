@@ -1,0 +1,144 @@
+"""The byte views behind the files of the mount: snapshot disks, their
+partitions, and the writable active disk.
+
+Every method may block on disk I/O; the FUSE adapter calls them from
+worker threads.  A broken volume makes its own views raise ImageError
+(EIO); the error is logged once per view.
+"""
+
+import logging
+import threading
+
+from .chain import Chain
+from .errors import ImageError, NoSpace, ReadOnly, SnapfsError
+
+log = logging.getLogger(__name__)
+
+
+class DiskView:
+    """A disk as of one volume: opens (and merges) its chain on first use."""
+
+    def __init__(self, pool, refs):
+        self.pool = pool
+        self.refs = refs
+        self._chain = None
+        self._error = None
+        self._size = None
+        self._lock = threading.Lock()
+
+    @property
+    def size(self):
+        if self._size is None:
+            try:
+                self._size = self.pool.get(self.refs[-1].path, self.refs[-1].format).size
+            except SnapfsError:
+                return 0
+        return self._size
+
+    def chain(self):
+        with self._lock:
+            if self._chain is None and self._error is None:
+                try:
+                    self._chain = Chain(self.pool, self.refs)
+                except SnapfsError as e:
+                    self._error = e
+                    log.error("volume broken, its views return EIO: %s", e)
+            if self._error is not None:
+                raise self._error
+            return self._chain
+
+    def read(self, offset, length):
+        try:
+            return self.chain().read(offset, length)
+        except ImageError:
+            raise
+        except OSError as e:
+            raise ImageError(self.refs[-1].path, f"read failed: {e.strerror}") from None
+
+
+class PartitionView:
+    """A byte range of a disk view; writable if the disk is."""
+
+    def __init__(self, disk, start, length):
+        self.disk, self.start, self.size = disk, start, length
+
+    def read(self, offset, length):
+        if offset >= self.size:
+            return b""
+        return self.disk.read(self.start + offset, min(length, self.size - offset))
+
+    def write(self, offset, data):
+        if offset + len(data) > self.size:
+            raise NoSpace("write past the end of the partition")
+        self.disk.write(self.start + offset, data)
+
+    def flush(self):
+        self.disk.flush()
+
+
+class ActiveDisk:
+    """The active leaf of a disk, read and written through a Qcow2Writer
+    whose backing view is the (immutable) chain beneath the leaf.
+
+    ``io_lock`` serialises writes with the VM's layer operations, which
+    must not see the leaf change under them.
+    """
+
+    def __init__(self, pool, refs, io_lock):
+        self.refs = refs
+        self.io_lock = io_lock
+        self.below = DiskView(pool, refs[:-1]) if len(refs) > 1 else None
+        self.readonly_view = DiskView(pool, refs)
+        self._writer = None
+        self._refusal = None
+        self._lock = threading.Lock()
+
+    @property
+    def size(self):
+        return self.readonly_view.size
+
+    def writer(self):
+        from .qcow2.writer import Qcow2Writer
+        with self._lock:
+            if self._writer is None and self._refusal is None:
+                leaf = self.refs[-1]
+                try:
+                    self._writer = Qcow2Writer(leaf.path, below=self.below.read if self.below else None)
+                except SnapfsError as e:
+                    # Still readable through the read-only chain.
+                    self._refusal = e
+                    log.error("active disk is read-only: %s", e)
+            return self._writer
+
+    def read(self, offset, length):
+        writer = self.writer()
+        if writer is None:
+            return self.readonly_view.read(offset, length)
+        if offset >= writer.size:
+            return b""
+        return writer.read(offset, min(length, writer.size - offset))
+
+    def write(self, offset, data):
+        writer = self.writer()
+        if writer is None:
+            raise ReadOnly(f"{self.refs[-1].path}: {self._refusal.reason}")
+        if offset + len(data) > writer.size:
+            raise NoSpace("write past the end of the disk")
+        with self.io_lock:
+            writer.write(offset, data)
+
+    def flush(self):
+        with self._lock:
+            writer = self._writer
+        if writer is not None:
+            with self.io_lock:
+                writer.flush()
+
+    def retire(self):
+        """Flush and let go: an operation replaced this leaf or its chain.
+        A reader still inside ``read`` keeps its own reference to the
+        writer; the file closes when the last one is done."""
+        self.flush()
+        with self._lock:
+            self._writer = None
+            self._refusal = ReadOnly("the active disk was replaced by an operation")

@@ -1,0 +1,556 @@
+"""Qcow2Writer against QEMU: random images and writes, refcount table growth,
+crash safety (SIGKILL at every ordering point), refusals, and the map.
+
+The oracles are ``qemu-img check`` (no corruption, no leak), ``qemu-img
+convert`` (guest bytes) and ``qemu-img map`` (what is allocated where), plus
+a bytearray model of the disk.
+"""
+
+import os
+import random
+import shutil
+import signal
+import struct
+import traceback
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from snapfs.errors import CorruptImage
+from snapfs.qcow2 import structs as S
+from snapfs.qcow2.mapping import COMPRESSED, DATA, ZERO
+from snapfs.qcow2.writer import Qcow2Writer
+from tests.support import qemu
+from tests.support.chains import (
+    QCOW2_OP_KINDS, RAW_OP_KINDS, SECTOR, ChainSpec, LayerSpec, _ops,
+    _snapshot_fits, build_chain, qcow_options,
+)
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+def _below_of(view):
+    """below() over a backing view: bounded by its size, zero-padded past it."""
+    def below(offset, length):
+        data = view[offset:offset + length]
+        return data + bytes(length - len(data))
+    return below
+
+
+def _op_data(op):
+    """The bytes a (kind, offset, length, seed) op writes; None for write_zeroes."""
+    kind, _, length, seed = op
+    if kind == "write_zeroes":
+        return None
+    if kind == "random":
+        return random.Random(seed).randbytes(length)
+    if kind == "pattern":
+        return bytes([seed % 255 + 1]) * length
+    return bytes(length)   # "zeros", through write()
+
+
+def _apply(writer, model, op):
+    """Apply one op to the writer (if any) and to the model (if any)."""
+    _, offset, length, _ = op
+    data = _op_data(op)
+    if writer is not None:
+        if data is None:
+            writer.write_zeroes(offset, length)
+        else:
+            writer.write(offset, data)
+    if model is not None:
+        model[offset:offset + length] = bytes(length) if data is None else data
+
+
+def _assert_clean(path):
+    report = qemu.check(path)
+    assert qemu.is_clean(report), report
+
+
+def _own_segments_qemu(path):
+    """(start, end, kind, host) of this image's own clusters per qemu-img map."""
+    out = []
+    for e in qemu.map_json(path):
+        if e["depth"] != 0 or not e.get("present", True):
+            continue
+        if not e["data"]:
+            out.append((e["start"], e["start"] + e["length"], ZERO, None))
+        elif "offset" in e:
+            out.append((e["start"], e["start"] + e["length"], DATA, e["offset"]))
+        else:
+            out.append((e["start"], e["start"] + e["length"], COMPRESSED, None))
+    return out
+
+
+def _own_segments_ours(runs):
+    return [(s, s + n, k, h if k == DATA else None) for s, n, k, h, _ in runs]
+
+
+def _split(segments, cuts):
+    result = []
+    for start, end, kind, host in segments:
+        points = [start] + [c for c in cuts if start < c < end] + [end]
+        for a, b in zip(points, points[1:]):
+            result.append((a, b, kind, None if host is None else host + a - start))
+    return result
+
+
+def assert_same_map(writer, path):
+    ours = _own_segments_ours(writer.allocated_runs())
+    theirs = _own_segments_qemu(path)
+    cuts = sorted({s for s, *_ in ours} | {e for _, e, *_ in ours}
+                  | {s for s, *_ in theirs} | {e for _, e, *_ in theirs})
+    assert _split(ours, cuts) == _split(theirs, cuts)
+
+
+def _create(path, size, options="", backing=None, backing_fmt=None):
+    args = ["create", "-q", "-f", "qcow2"]
+    if options:
+        args += ["-o", options]
+    if backing:
+        args += ["-b", os.path.basename(backing), "-F", backing_fmt]
+    qemu.qemu_img(*args, os.path.basename(path), str(size), cwd=os.path.dirname(path))
+
+
+# --------------------------------------------------------------------------
+# 1. random images, random writes
+
+@st.composite
+def write_ops(draw, size, cluster):
+    ops = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["random", "pattern", "zeros", "write_zeroes"]))
+        grain = draw(st.sampled_from([1, SECTOR, cluster]))
+        if grain > size:
+            grain = 1
+        offset = grain * draw(st.integers(0, (size - 1) // grain))
+        room = size - offset
+        if draw(st.integers(0, 5)) == 0:
+            length = room
+        else:
+            cap = max(1, min(room, 3 * cluster + 5000) // grain)
+            length = min(room, grain * draw(st.integers(1, cap)))
+        ops.append((kind, offset, length, draw(st.integers(0, 2**32))))
+    return ops
+
+
+@st.composite
+def scenarios(draw):
+    """(ChainSpec whose top layer is qcow2, writes on the top layer)."""
+    options = draw(qcow_options())
+    cluster = options.cluster_size
+    size = SECTOR * draw(st.integers(1, 4 * MiB // SECTOR))
+    size = max(size, min(4 * MiB, 2 * cluster)) if draw(st.booleans()) else size
+    backing = draw(st.sampled_from([None, "raw", "qcow2"]))
+    layers = []
+    if backing:
+        bsize = draw(st.sampled_from([size, SECTOR * draw(st.integers(1, 4 * MiB // SECTOR))]))
+        if backing == "raw":
+            layers.append(LayerSpec(bsize, _ops(draw, bsize, SECTOR, RAW_OP_KINDS, 1)))
+        else:
+            bopts = draw(qcow_options())
+            layers.append(LayerSpec(bsize, _ops(draw, bsize, bopts.cluster_size,
+                                                QCOW2_OP_KINDS, 1), options=bopts))
+    ops = _ops(draw, size, cluster, QCOW2_OP_KINDS, 0)
+    snapshot = None
+    if ops and options.refcount_bits >= 2 and draw(st.booleans()):
+        snapshot = draw(st.integers(1, len(ops)))
+        if not _snapshot_fits(options, ops[:snapshot]):
+            snapshot = None
+    layers.append(LayerSpec(size, ops, snapshot))
+    spec = ChainSpec(layers, backing == "raw", options.compat, cluster,
+                     options.refcount_bits, options.extended_l2, options.compression_type)
+    return spec, draw(write_ops(size, cluster))
+
+
+@given(scenario=scenarios())
+def test_random_writes_match_qemu(tmp_path_factory, scenario):
+    spec, ops = scenario
+    built = build_chain(spec, tmp_path_factory.mktemp("w"))
+    top = built.top
+    below = None
+    if len(built.layers) > 1:
+        below = _below_of(qemu.to_raw(built.layers[-2], fmt=built.formats[-2]))
+    model = bytearray(qemu.to_raw(top))
+    with Qcow2Writer(top, below) as w:
+        assert w.read(0, w.size) == model
+        for op in ops:
+            _apply(w, model, op)
+        assert w.read(0, w.size) == model
+        assert_same_map(w, top)
+    _assert_clean(top)
+    assert qemu.to_raw(top) == model
+
+
+def test_snapshot_compressed_and_extended_l2(tmp_path):
+    """Shared L2 tables, shared and compressed clusters, subclusters."""
+    path = str(tmp_path / "a.qcow2")
+    _create(path, 4 * MiB, "extended_l2=on,cluster_size=64k,compression_type=zstd")
+    qemu.qemu_io(path, "write -P 1 0 1M", "write -P 2 1M 8k", "write -z 1040k 4k")
+    qemu.qemu_io(path, "write -c -P 3 2M 128k")
+    qemu.qemu_img("snapshot", "-c", "s", path)
+    qemu.qemu_io(path, "write -P 4 3M 64k")
+    before_snapshot = qemu.to_raw(path)
+    model = bytearray(before_snapshot)
+    with Qcow2Writer(path) as w:
+        for op in [("random", 100, 5000, 1), ("pattern", MiB - 10, 40, 2),
+                   ("random", 2 * MiB + 3, 70000, 3), ("write_zeroes", 0, 256 * KiB, 0),
+                   ("zeros", 1040 * KiB, 4 * KiB, 0), ("pattern", 3 * MiB, 64 * KiB, 9)]:
+            _apply(w, model, op)
+        assert w.read(0, w.size) == model
+        assert_same_map(w, path)
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
+    # The internal snapshot still holds the old content.
+    qemu.qemu_img("snapshot", "-a", "s", path)
+    _assert_clean(path)
+
+
+# --------------------------------------------------------------------------
+# 2. refcount table growth
+
+def test_refcount_table_grows_more_than_once(tmp_path):
+    path = str(tmp_path / "g.qcow2")
+    _create(path, 16 * MiB, "cluster_size=512,refcount_bits=64")
+    model = bytearray(16 * MiB)
+    tables = set()
+    rng = random.Random(7)
+    with Qcow2Writer(path) as w:
+        tables.add(w.header.refcount_table_offset)
+        offset = 0
+        while len(tables) < 4 and offset < w.size:
+            n = min(rng.randrange(1, 600 * KiB), w.size - offset)
+            _apply(w, model, ("random", offset, n, rng.randrange(2**32)))
+            offset += n
+            tables.add(w.header.refcount_table_offset)
+        # Overwrite some (in place) and zero some (freed clusters).
+        _apply(w, model, ("random", 1000, 300 * KiB, 5))
+        _apply(w, model, ("write_zeroes", 2 * MiB + 7, 900 * KiB, 0))
+        clusters = w.header.refcount_table_clusters
+        assert w.read(0, w.size) == model
+    assert len(tables) >= 3, "the refcount table should have moved at least twice"
+    assert clusters > 2
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_every_refcount_width(tmp_path, bits):
+    """New refcount blocks (512 B clusters fill them fast) and releases
+    (compressed and zeroed clusters) at every refcount width."""
+    path = str(tmp_path / "w.qcow2")
+    _create(path, 4 * MiB, f"cluster_size=512,refcount_bits={bits}")
+    qemu.qemu_io(path, "write -P 1 0 64k")
+    qemu.qemu_io(path, "write -c -P 2 64k 4k")
+    model = bytearray(qemu.to_raw(path))
+    with Qcow2Writer(path) as w:
+        for op in [("random", 100 * KiB, 3 * MiB, 1), ("pattern", 65 * KiB, 2000, 2),
+                   ("write_zeroes", 1000, 40 * KiB, 0), ("random", 3, 100 * KiB, 3)]:
+            _apply(w, model, op)
+        assert w.read(0, w.size) == model
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
+
+
+# --------------------------------------------------------------------------
+# 3. crash safety
+
+def _run_child(path, below_view, ops, kill_at):
+    """Apply ops in a child process that SIGKILLs itself at step ``kill_at``.
+
+    Returns (index of the op running at the kill or None, step names seen).
+    """
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 1
+        try:
+            os.close(r)
+            count = 0
+
+            def on_step(name):
+                nonlocal count
+                count += 1
+                os.write(wfd, f"step {name}\n".encode())
+                if count == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            below = _below_of(below_view) if below_view is not None else None
+            with Qcow2Writer(path, below, on_step) as w:
+                for i, op in enumerate(ops):
+                    os.write(wfd, f"start {i}\n".encode())
+                    _apply(w, None, op)   # the parent keeps the models
+                    w.flush()
+                    os.write(wfd, f"done {i}\n".encode())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    lines = b"".join(chunks).decode().splitlines()
+    steps = [line.split()[1] for line in lines if line.startswith("step ")]
+    running = None
+    for line in lines:
+        word, arg = line.split()
+        if word == "start":
+            running = int(arg)
+        elif word == "done":
+            running = None
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+    else:
+        assert os.WEXITSTATUS(status) == 0, "the child failed"
+        assert running is None
+    return running, steps
+
+
+def _models(initial, ops):
+    """Model of the disk before each op, and after the last."""
+    models = [bytes(initial)]
+    model = bytearray(initial)
+    for op in ops:
+        _apply(None, model, op)
+        models.append(bytes(model))
+    return models
+
+
+def _crash_ops(rng, size, cluster, count):
+    ops = []
+    for _ in range(count):
+        kind = rng.choice(["random", "random", "pattern", "zeros", "write_zeroes"])
+        if rng.random() < 0.4:
+            offset = rng.randrange(size // cluster) * cluster
+            length = min(size - offset, cluster * rng.randrange(1, 6))
+        else:
+            offset = rng.randrange(size)
+            length = rng.randrange(1, min(size - offset, 4 * cluster + 3000) + 1)
+        ops.append((kind, offset, length, rng.randrange(2**32)))
+    return ops
+
+
+def _setup_crash_image(directory, name, seed):
+    """Build one crash-test image; returns (path, below view or None, ops)."""
+    d = str(directory)
+    path = os.path.join(d, "top.qcow2")
+    rng = random.Random(f"{name}-{seed}")
+    if name == "tiny-clusters":
+        # 512 B clusters, 64-bit refcounts: the file is near the end of what
+        # the refcount table covers (2 MiB), so the writes grow it.
+        base = os.path.join(d, "base.qcow2")
+        _create(base, 3 * MiB, "cluster_size=4k")
+        qemu.qemu_io(base, "write -P 7 0 3M")
+        _create(path, 3 * MiB, "cluster_size=512,refcount_bits=64", base, "qcow2")
+        qemu.qemu_io(path, "write -P 1 0 1950k", "write -z 1960k 4k")
+        qemu.qemu_io(path, "write -c -P 2 2000k 2k")
+        qemu.qemu_img("snapshot", "-c", "s", path)
+        ops = [("random", 1900 * KiB, 20 * KiB, 1), ("zeros", 1990 * KiB, 11 * KiB, 0)]
+        ops += _crash_ops(rng, 3 * MiB, 512, 6)
+        ops += [("random", 2100 * KiB, 600 * KiB, 2)]
+        return path, qemu.to_raw(base), ops
+    if name == "extended-l2":
+        base = os.path.join(d, "base.raw")
+        with open(base, "wb") as f:
+            f.write(random.Random(1).randbytes(1 * MiB))
+        _create(path, 2 * MiB, "extended_l2=on,cluster_size=32k,refcount_bits=4,"
+                "compression_type=zstd", base, "raw")
+        qemu.qemu_io(path, "write -P 1 0 100k", "write -z 200k 4k", "write -P 3 300k 3k")
+        qemu.qemu_io(path, "write -c -P 2 512k 64k")
+        qemu.qemu_img("snapshot", "-c", "s", path)
+        qemu.qemu_io(path, "write -P 4 40k 2k")
+        view = open(base, "rb").read()
+        return path, view, _crash_ops(rng, 2 * MiB, 32 * KiB, 8)
+    # "v2": compat 0.10 (zeros are real zero clusters), 4 KiB clusters, a
+    # snapshot, a raw backing file half the size of the disk.
+    base = os.path.join(d, "base.raw")
+    with open(base, "wb") as f:
+        f.write(random.Random(2).randbytes(512 * KiB))
+    _create(path, 1 * MiB, "compat=0.10,cluster_size=4k", base, "raw")
+    qemu.qemu_io(path, "write -P 1 0 200k", "write -z 300k 8k")
+    qemu.qemu_io(path, "write -c -P 2 400k 8k")
+    qemu.qemu_img("snapshot", "-c", "s", path)
+    view = open(base, "rb").read()
+    return path, view, _crash_ops(rng, 1 * MiB, 4 * KiB, 8)
+
+
+@pytest.mark.parametrize("name,seed", [("tiny-clusters", 0), ("extended-l2", 0),
+                                       ("extended-l2", 1), ("v2", 0), ("v2", 1)])
+def test_crash_at_every_step(tmp_path, name, seed):
+    """SIGKILL at every ordering point of a write sequence: no corruption,
+    every cluster old or new, completed writes kept, the image still usable."""
+    path, below_view, ops = _setup_crash_image(tmp_path, name, seed)
+    pristine = str(tmp_path / "pristine.qcow2")
+    shutil.copyfile(path, pristine)
+    size = qemu.info(path)["virtual-size"]
+    cluster = qemu.info(path)["cluster-size"]
+    models = _models(qemu.to_raw(path), ops)
+
+    running, steps = _run_child(path, below_view, ops, kill_at=0)
+    assert running is None
+    _assert_clean(path)
+    assert qemu.to_raw(path) == models[-1]
+    if name == "tiny-clusters":
+        assert {"reftable", "reftable-header", "reftable-entry", "free"} <= set(steps)
+
+    for kill_at in range(1, len(steps) + 1):
+        shutil.copyfile(pristine, path)
+        running, seen = _run_child(path, below_view, ops, kill_at)
+        assert len(seen) == kill_at and running is not None
+        report = qemu.check(path)
+        assert report["returncode"] in (0, 3), (kill_at, seen[-1], report)
+        assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0
+        view = qemu.to_raw(path)
+        old, new = models[running], models[running + 1]
+        for start in range(0, size, cluster):
+            got = view[start:start + cluster]
+            assert got in (old[start:start + cluster], new[start:start + cluster]), \
+                (kill_at, seen[-1], running, start)
+        # The survivor is usable: our reader agrees with qemu, a further
+        # write lands and leaves no corruption (leaks are allowed).
+        below = _below_of(below_view) if below_view is not None else None
+        model = bytearray(view)
+        with Qcow2Writer(path, below) as w:
+            assert w.read(0, size) == view
+            _apply(w, model, ("random", size // 3 + 5, 3 * cluster, kill_at))
+        report = qemu.check(path)
+        assert report["returncode"] in (0, 3), (kill_at, seen[-1], report)
+        assert qemu.to_raw(path) == model
+
+
+# --------------------------------------------------------------------------
+# 4. refusals
+
+def _set_incompat(path, bits):
+    with open(path, "r+b") as f:
+        f.seek(72)
+        value = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", value | bits))
+
+
+@pytest.mark.parametrize("bit,what", [(S.INCOMPAT_CORRUPT, "corrupt"),
+                                      (S.INCOMPAT_DIRTY, "dirty")])
+def test_refuses_to_write_corrupt_or_dirty(tmp_path, bit, what):
+    path = str(tmp_path / "c.qcow2")
+    _create(path, 1 * MiB)
+    qemu.qemu_io(path, "write -P 5 0 64k")
+    _set_incompat(path, bit)
+    before = open(path, "rb").read()
+    with Qcow2Writer(path) as w:
+        assert w.read(0, 64 * KiB) == b"\5" * (64 * KiB)   # reading is fine
+        with pytest.raises(CorruptImage, match=what):
+            w.write(0, b"x")
+        with pytest.raises(CorruptImage, match=what):
+            w.write_zeroes(0, 64 * KiB)
+    assert open(path, "rb").read() == before
+
+
+def test_refuses_unknown_incompatible_bits(tmp_path):
+    path = str(tmp_path / "u.qcow2")
+    _create(path, 1 * MiB)
+    _set_incompat(path, 1 << 40)
+    with pytest.raises(CorruptImage, match="unknown incompatible"):
+        Qcow2Writer(path)
+
+
+def test_rejects_ranges_outside_the_disk(tmp_path):
+    path = str(tmp_path / "r.qcow2")
+    _create(path, 1 * MiB)
+    with Qcow2Writer(path) as w:
+        for offset, length in [(-1, 1), (MiB, 1), (MiB - 1, 2)]:
+            with pytest.raises(ValueError):
+                w.write(offset, bytes(length))
+            with pytest.raises(ValueError):
+                w.write_zeroes(offset, length)
+        w.write(MiB - 1, b"z")
+        assert w.read(MiB - 1, 1) == b"z"
+    _assert_clean(path)
+
+
+def test_refcount_block_past_the_end_is_corrupt(tmp_path):
+    path = str(tmp_path / "h.qcow2")
+    _create(path, 1 * MiB, "cluster_size=4k")
+    with open(path, "r+b") as f:
+        f.seek(48)
+        rt = struct.unpack(">Q", f.read(8))[0]
+        f.seek(rt)
+        f.write(struct.pack(">Q", 1 << 40))
+    with Qcow2Writer(path) as w:
+        with pytest.raises(CorruptImage, match="past the end"):
+            w.write(0, b"x" * 10)
+
+
+def test_l2_entry_past_the_end_is_corrupt(tmp_path):
+    path = str(tmp_path / "l.qcow2")
+    _create(path, 1 * MiB, "cluster_size=4k")
+    qemu.qemu_io(path, "write -P 1 0 4k")
+    with open(path, "r+b") as f:
+        f.seek(40)
+        l1 = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & S.OFFSET_MASK
+        f.seek(l2)
+        f.write(struct.pack(">Q", S.L2E_COPIED | (1 << 40)))
+    with Qcow2Writer(path) as w:
+        with pytest.raises(CorruptImage, match="past the end"):
+            w.read(0, 10)
+        with pytest.raises(CorruptImage, match="past the end"):
+            w.write(0, b"x")
+
+
+def test_data_cluster_on_metadata_is_corrupt(tmp_path):
+    """An L2 entry aimed at the L1 table must not be written through."""
+    path = str(tmp_path / "m.qcow2")
+    _create(path, 1 * MiB, "cluster_size=4k")
+    qemu.qemu_io(path, "write -P 1 0 4k")
+    with open(path, "r+b") as f:
+        f.seek(40)
+        l1 = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & S.OFFSET_MASK
+        f.seek(l2)
+        f.write(struct.pack(">Q", S.L2E_COPIED | l1))
+    before = open(path, "rb").read()
+    with Qcow2Writer(path) as w:
+        with pytest.raises(CorruptImage, match="metadata"):
+            w.write(0, b"x" * 4096)
+    assert open(path, "rb").read() == before
+
+
+# --------------------------------------------------------------------------
+# 5. allocated_runs
+
+@pytest.mark.parametrize("options", ["cluster_size=4k", "compat=0.10,cluster_size=1k",
+                                     "extended_l2=on,cluster_size=16k,refcount_bits=8"])
+def test_allocated_runs_match_qemu_map(tmp_path, options):
+    base = str(tmp_path / "base.qcow2")
+    path = str(tmp_path / "top.qcow2")
+    _create(base, 1 * MiB, "cluster_size=64k")
+    qemu.qemu_io(base, "write -P 9 0 1M")
+    _create(path, 1 * MiB, options, base, "qcow2")
+    qemu.qemu_io(path, "write -P 1 0 20k", "write -z 100k 32k")
+    qemu.qemu_io(path, "write -c -P 2 256k 32k")
+    below = _below_of(qemu.to_raw(base))
+    model = bytearray(qemu.to_raw(path))
+    with Qcow2Writer(path, below) as w:
+        assert_same_map(w, path)
+        for op in [("random", 3, 5000, 1), ("write_zeroes", 64 * KiB, 64 * KiB, 0),
+                   ("pattern", 260 * KiB, 100, 4), ("zeros", 500 * KiB, 48 * KiB, 0),
+                   ("random", 700 * KiB, 100 * KiB, 2)]:
+            _apply(w, model, op)
+            assert_same_map(w, path)
+        assert w.read(0, w.size) == model
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
