@@ -42,11 +42,14 @@ class SnapfsOperations(pyfuse3.Operations):
         self._next_fh = 1
 
     def _note_invalidation(self, parent, name):
-        """Called by the Vfs (in a worker thread) for each entry an
-        operation changed; sent to the kernel when the operation returns."""
-        if not hasattr(self._pending, "items"):
-            self._pending.items = []
-        self._pending.items.append((parent, os.fsencode(name)))
+        """Called by the Vfs for each entry an operation changed: collected
+        and sent when a request's operation returns, or queued at once when
+        no request is waiting (an operation finishing in the background)."""
+        items = getattr(self._pending, "items", None)
+        if items is None:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+        else:
+            items.append((parent, os.fsencode(name)))
 
     def _operation(self, fn, *args, wait_for_kernel=False):
         """Run an operation in a worker thread, then drop the kernel's
@@ -72,7 +75,7 @@ class SnapfsOperations(pyfuse3.Operations):
                             pass    # not in the kernel's cache
                     else:
                         pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-                self._pending.items = []
+                self._pending.items = None
         return call
 
     async def _run(self, fn, *args, limiter=None):

@@ -190,6 +190,12 @@ class VmOperations:
     def delete(self, name):
         """Merge the snapshot's volumes away; every other view is unchanged.
         Returns the record of what moved (direction and bytes per disk)."""
+        return self.finish_delete(self.start_delete(name))
+
+    def start_delete(self, name):
+        """Step 1 of a delete: check everything that can refuse it (ENOENT,
+        EBUSY, ENOSPC), then record it; the snapshot leaves the namespace.
+        Returns what ``finish_delete`` needs."""
         m = self._load()
         if m.preview:
             raise Busy(f"VM {self.vm} has a preview open; commit or undo it first")
@@ -207,6 +213,11 @@ class VmOperations:
                        "disks": {p.disk: p.to_json() for p in plans}}
         self._save(m)
         crashpoint("delete:recorded")
+        return m, plans
+
+    def finish_delete(self, started):
+        """Steps 2-5: move the data, relink, switch the manifest, clean up."""
+        m, plans = started
         return _finish_delete(self.store, m, plans, self.progress)
 
 

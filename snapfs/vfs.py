@@ -226,8 +226,14 @@ class Vfs:
         return Handle(node), node
 
     def rmdir(self, parent, name):
+        """Delete by merge.  rmdir holds the snapshots directory's lock in
+        the kernel until it is answered, and that lock would stall every
+        lookup and listing there: so it is answered once the deletion is
+        recorded (the snapshot is gone from the namespace) and the merge
+        goes on in the background, shown in control/status."""
         vm = self._snapshots_dir_vm(parent)
-        self._run(vm, "delete", lambda ops: ops.delete(name), snapshot=name)
+        self._run(vm, "delete", lambda ops: ops.start_delete(name), snapshot=name,
+                  then=lambda ops, started: ops.finish_delete(started))
 
     def rename(self, parent_old, old, parent_new, new):
         vm = self._snapshots_dir_vm(parent_old)
@@ -261,12 +267,15 @@ class Vfs:
 
     # -- running operations ----------------------------------------------------
 
-    def _run(self, vm, op, action, snapshot=None):
+    def _run(self, vm, op, action, snapshot=None, then=None):
         """Run ``action(VmOperations)`` as the VM's one operation.  Refusals
-        are logged and kept for control/status."""
+        are logged and kept for control/status.  With ``then``, the rest of
+        the operation, ``then(ops, result)``, goes on in a background thread
+        that keeps the VM busy until it is done."""
         if not vm.op_lock.acquire(blocking=False):
             running = vm.running["op"] if vm.running else "an operation"
             self._refused(vm, op, Busy(f"VM {vm.name} is busy: {running} is running"))
+        background = False
         try:
             vm.running = {"op": op, "snapshot": snapshot, "started": _utc_now(),
                           "progress": None}
@@ -274,16 +283,39 @@ class Vfs:
             def progress(done, total):
                 vm.running["progress"] = {"done": done, "total": total}
 
+            ops = VmOperations(self.store, vm.name, progress=progress)
             try:
                 with vm.io_lock:
                     for disk in vm.active.values():
                         disk.flush()
-                    return action(VmOperations(self.store, vm.name, progress=progress))
+                    result = action(ops)
             except SnapfsError as e:
                 self._refused(vm, op, e)
             finally:
                 self._refresh_vm(vm)
+            if then is not None:
+                thread = threading.Thread(target=self._continue, args=(vm, op, ops, then, result),
+                                          name=f"snapfs-{op}-{vm.name}", daemon=True)
+                thread.start()
+                background = True
+            return result
         finally:
+            if not background:
+                vm.running = None
+                vm.op_lock.release()
+
+    def _continue(self, vm, op, ops, then, result):
+        try:
+            with vm.io_lock:
+                then(ops, result)
+        except SnapfsError as e:
+            vm.last_error = {"op": op, "error": str(e), "errno": e.errno, "time": _utc_now()}
+            log.error("%s on VM %s failed: %s (it resumes with the next operation)",
+                      op, vm.name, e)
+        except Exception:
+            log.exception("%s on VM %s failed", op, vm.name)
+        finally:
+            self._refresh_vm(vm)
             vm.running = None
             vm.op_lock.release()
 

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from snapfs import merge
+from snapfs import operations
 from snapfs.errors import NoSpace
 from snapfs.operations import VmOperations
 from snapfs.store import Store
@@ -36,14 +36,14 @@ def small_fs(tmp_path):
 
 
 def build_vm(tmp_path, store):
-    """A VM whose snapshot 'base' holds 24 MiB and whose child holds 20 MiB
-    of different data: deleting 'base' must move about 20 MiB either way."""
+    """A VM whose snapshot 'base' holds 24 MiB and whose child 'mid' holds
+    20 MiB elsewhere: deleting 'base' moves 20 MiB at the least."""
     src = tmp_path / "src"
     src.mkdir()
     qemu_img("create", "-f", "qcow2", src / "base.qcow2", "64M")
     qemu_io(src / "base.qcow2", "write -P 1 0 24M", fmt="qcow2")
     qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", src / "mid.qcow2", cwd=src)
-    qemu_io(src / "mid.qcow2", "write -P 2 4M 20M", fmt="qcow2")
+    qemu_io(src / "mid.qcow2", "write -P 2 24M 20M", fmt="qcow2")
     qemu_img("create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", src / "top.qcow2", cwd=src)
     qemu_io(src / "top.qcow2", "write -P 3 0 64k", fmt="qcow2")
     snapfs("vm", "add", store, "vm", "--disk", f"sda={src / 'top.qcow2'}")
@@ -103,7 +103,7 @@ def test_enospc_mid_merge_keeps_the_store_consistent(tmp_path, small_fs, monkeyp
     snapfs("init", store_path)
     expected = build_vm(tmp_path, store_path)
     filler = fill(small_fs, 6 << 20)         # less than the ~20 MiB the merge moves
-    monkeypatch.setattr(merge, "check_space", lambda directory, plans: None)
+    monkeypatch.setattr(operations, "check_space", lambda directory, plans: None)
     store = Store.open(store_path)
     with store.locked("test"):
         with pytest.raises(NoSpace):
