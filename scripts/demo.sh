@@ -72,7 +72,34 @@ fi
 echo "all differences between base and active:"
 diff -rq "$OLD" "$NEW" | sed 's/^/  /' || true
 
-step "Unmount"
 umount "$OLD" "$NEW"
+
+step "Create a snapshot from the shell: touch snapshots/before-upgrade"
+touch "$MNT/web01/snapshots/before-upgrade"
+ls -l "$MNT/web01/snapshots"
+
+step "Change the active disk: loop-mount its partition read-write and edit a file"
+mount -o loop "$MNT/web01/active/sda-part1.raw" "$NEW"
+echo "<h1>after the upgrade</h1>" > "$NEW/var/www/index.html"
+umount "$NEW"
+mount -o loop,ro "$MNT/web01/snapshots/before-upgrade/sda-part1.raw" "$OLD"
+mount -o loop,ro "$MNT/web01/active/sda-part1.raw" "$NEW"
+echo "before-upgrade: $(cat "$OLD/var/www/index.html" | head -1)"
+echo "active:         $(cat "$NEW/var/www/index.html")"
+umount "$OLD" "$NEW"
+
+step "Delete snapshot v2 with rmdir: its layer is merged away, nothing else changes"
+sha_before=$(sha256sum < "$MNT/web01/snapshots/before-upgrade/sda.raw")
+rmdir "$MNT/web01/snapshots/v2"
+while grep -q '"state": "running"' "$MNT/web01/control/status"; do sleep 0.2; done
+python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print("last operation:", json.dumps(s["last_operation"]))' \
+    "$MNT/web01/control/status"
+ls "$MNT/web01/snapshots"
+sha_after=$(sha256sum < "$MNT/web01/snapshots/before-upgrade/sda.raw")
+[ "$sha_before" = "$sha_after" ] && echo "before-upgrade reads the same bytes as before the merge"
+
+step "Unmount and check the store"
 "$SNAPFS" umount "$MNT"
+"$SNAPFS" check "$STORE"
+for vol in "$STORE"/vms/web01/*-*; do qemu-img check -q "$vol"; done && echo "qemu-img check: every volume clean"
 echo "done: the demo store is in $STORE"
