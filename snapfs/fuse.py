@@ -244,7 +244,9 @@ class SnapfsOperations(pyfuse3.Operations):
         pass
 
     async def release(self, fh):
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.wrote:
+            await self._run(self.vfs.release, handle, limiter=self._writers)
 
     async def access(self, inode, mode, ctx):
         return True

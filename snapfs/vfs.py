@@ -85,6 +85,7 @@ class Handle:
     """An open file."""
     node: Node
     data: bytes | None = None             # control/status as of open()
+    wrote: bool = False
 
 
 @dataclass
@@ -186,8 +187,37 @@ class Vfs:
             return len(data)
         if isinstance(node.view, ActiveDisk) or _is_active_part(node):
             node.view.write(offset, data)
+            handle.wrote = True
             return len(data)
         raise ReadOnly(f"{node.name} is a read-only view")
+
+    def release(self, handle):
+        """After writes to a whole active disk, its partition table may have
+        changed (sfdisk, parted): list its partition views anew."""
+        node = handle.node
+        if not (handle.wrote and isinstance(node.view, ActiveDisk)):
+            return
+        disk = node.name[:-len(".raw")]
+        prefix = f"{disk}-part"
+        parts = self._partitions(node.view)
+        wanted = {f"{prefix}{p.number}.raw": (p.start, p.length) for p in parts}
+        with self._lock:
+            active = self._nodes.get(node.parent)
+            if active is None or active.children is None or node.vm.active.get(disk) is not node.view:
+                return    # not listed yet, or replaced by an operation since
+            shown = {n: (self._nodes[i].view.start, self._nodes[i].view.size)
+                     for n, i in active.children.items() if n.startswith(prefix)}
+            if shown == wanted:
+                return
+            for name in shown:
+                del active.children[name]
+            for part in parts:
+                self._attach(active, dict(
+                    name=f"{prefix}{part.number}.raw", mode=ACTIVE_MODE,
+                    mtime_ns=self.mount_time_ns, vm=node.vm, immutable=False,
+                    timeout=MUTABLE_TIMEOUT, view=PartitionView(node.view, part.start, part.length)))
+            for name in set(shown) | set(wanted):
+                self.notify(active.inode, name)
 
     def fsync(self, handle):
         node = handle.node
