@@ -162,8 +162,12 @@ class Vfs:
             return Handle(node, node.render())
         if writable and not isinstance(node.view, ActiveDisk) and not _is_active_part(node):
             raise ReadOnly(f"{node.name} is a read-only view")
-        if isinstance(node.view, DiskView):
-            node.view.chain()    # EIO now rather than on the first read
+        # EIO now rather than on the first read.
+        disk = node.view.disk if isinstance(node.view, PartitionView) else node.view
+        if isinstance(disk, DiskView):
+            disk.chain()
+        elif isinstance(disk, ActiveDisk):
+            disk.check()
         return Handle(node)
 
     def read(self, handle, offset, length):

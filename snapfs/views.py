@@ -110,6 +110,11 @@ class ActiveDisk:
                     log.error("active disk is read-only: %s", e)
             return self._writer
 
+    def check(self):
+        """Raise ImageError (EIO) now if the disk cannot be read at all."""
+        if self.writer() is None:
+            self.readonly_view.chain()
+
     def read(self, offset, length):
         writer = self.writer()
         if writer is None:

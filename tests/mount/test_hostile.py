@@ -25,7 +25,10 @@ def _read_all(path):
 
 
 def _view_files(vm_dir):
+    """Every readable file of a VM (control files are write-only)."""
     for dirpath, _, files in os.walk(vm_dir):
+        if os.path.basename(dirpath) == "control":
+            continue
         for name in files:
             yield os.path.join(dirpath, name)
 

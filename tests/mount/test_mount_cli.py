@@ -1,6 +1,7 @@
 """Mounting and unmounting from the shell: background and foreground,
 signals, privacy, and refusals while the store is in use."""
 
+import errno
 import os
 import shutil
 import signal
@@ -115,16 +116,19 @@ def test_mount_is_private_unless_allow_other(public_dir, small_store):
         assert "allow_other" in _mount_options(mnt)
         r = subprocess.run(as_nobody + [str(mnt)], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.split() == ["web"]
-        # Views are 0440 and owned by the mounting user: others cannot read.
+        # The active view is 0660 and owned by the mounting user: others
+        # cannot read it.
         view = mnt / "web" / "active" / "sda.raw"
-        assert oct(os.stat(view).st_mode & 0o777) == "0o440"
+        assert oct(os.stat(view).st_mode & 0o777) == "0o660"
         r = subprocess.run(as_nobody[:-1] + ["cat", str(view)], capture_output=True, text=True)
         assert r.returncode != 0 and "Permission denied" in r.stderr
 
 
-def test_views_refuse_writes(tmp_path, small_store):
+def test_snapshot_views_refuse_writes(tmp_path, small_store):
     with mounted(small_store, tmp_path / "mnt") as mnt:
-        view = mnt / "web" / "active" / "sda.raw"
+        (mnt / "web" / "snapshots" / "s").touch()
+        view = mnt / "web" / "snapshots" / "s" / "sda.raw"
+        assert oct(os.stat(view).st_mode & 0o777) == "0o440"
         with pytest.raises(OSError) as e:
             open(view, "r+b")
-        assert e.value.errno in (30, 13)   # EROFS (read-only mount) or EACCES (mode 0440)
+        assert e.value.errno == errno.EROFS
