@@ -144,6 +144,7 @@ class VmOperations:
         snap.name = new
         m.last_operation = {"op": "rename", "snapshot": new, "from": old, "finished": utc_now()}
         self._save(m)
+        crashpoint("rename:done")
         return snap
 
     def preview(self, name):

@@ -4,6 +4,7 @@ import ctypes
 import ctypes.util
 import os
 
+from .faults import crashpoint
 from .qcow2.writer import Qcow2Writer
 
 _ZERO_CHUNK = bytes(1 << 20)
@@ -56,6 +57,8 @@ def _punch_hole(fd, offset, length):
 
 
 def open_writer(path, fmt, below=None):
+    """A writer for a merge; the qcow2 writer's ordering points are crash
+    points too, so fault injection lands inside its writes."""
     if fmt == "raw":
         return RawWriter(path)
-    return Qcow2Writer(path, below=below)
+    return Qcow2Writer(path, below=below, on_step=lambda step: crashpoint(f"write:{step}"))

@@ -19,21 +19,24 @@ settings.register_profile("thorough", deadline=None, max_examples=400,
 settings.load_profile(os.environ.get("SNAPFS_TEST_PROFILE", "ci"))
 
 
-def _loop_devices():
+def _loop_devices(under):
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    return set(out.splitlines())
+    return {line for line in out.splitlines() if under in line}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_leftover_mounts():
-    """The suite must leave no snapfs mount and no loop device behind."""
-    mounts_before = set(snapfs_mounts())
-    loops_before = _loop_devices()
+def no_leftover_mounts(tmp_path_factory):
+    """The suite must leave no snapfs mount and no loop device behind (of
+    its own: those under this session's temporary directory)."""
+    base = str(tmp_path_factory.getbasetemp())
+    ours = lambda: {m for m in snapfs_mounts() if m.startswith(base)}
+    mounts_before = ours()
+    loops_before = _loop_devices(base)
     yield
-    leaked = set(snapfs_mounts()) - mounts_before
+    leaked = ours() - mounts_before
     for m in leaked:
         force_unmount(m)
-    leaked_loops = _loop_devices() - loops_before
+    leaked_loops = _loop_devices(base) - loops_before
     assert not leaked, f"tests left mounts behind: {leaked}"
     assert not leaked_loops, f"tests left loop devices behind: {leaked_loops}"
 

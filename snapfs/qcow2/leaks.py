@@ -79,7 +79,8 @@ def _snapshot_table_length(fd, hdr):
 
 
 class _RefcountBlocks:
-    """Bit-packed refcount entries, read and written in place."""
+    """Bit-packed refcount entries: each block read whole, entries written
+    in place."""
 
     def __init__(self, fd, hdr):
         self.fd, self.hdr = fd, hdr
@@ -88,47 +89,38 @@ class _RefcountBlocks:
         self.table = read_u64_table(fd, hdr.refcount_table_offset,
                                     hdr.refcount_table_clusters * hdr.cluster_size // 8)
 
-    def _where(self, cluster):
-        block = self.table[cluster // self.per_block] & S.OFFSET_MASK \
-            if cluster // self.per_block < len(self.table) else 0
-        index = cluster % self.per_block
-        return block, index * self.bits
+    def blocks(self):
+        """(first cluster, block offset, entries) for each refcount block."""
+        for b, entry in enumerate(self.table):
+            offset = entry & S.OFFSET_MASK
+            if offset:
+                raw = os.pread(self.fd, self.hdr.cluster_size, offset)
+                yield b * self.per_block, offset, self._decode(raw)
 
-    def get(self, cluster):
-        block, bit = self._where(cluster)
-        if not block:
-            return 0
-        return self._read_bits(block, bit)
-
-    def _read_bits(self, block, bit):
+    def _decode(self, raw):
         if self.bits >= 8:
-            raw = os.pread(self.fd, self.bits // 8, block + bit // 8)
-            return int.from_bytes(raw, "big")
-        byte = os.pread(self.fd, 1, block + bit // 8)[0]
-        shift = bit % 8     # sub-byte entries: entry 0 is the least significant bits
-        return (byte >> shift) & ((1 << self.bits) - 1)
+            width = self.bits // 8
+            return [int.from_bytes(raw[i:i + width], "big") for i in range(0, len(raw), width)]
+        # Sub-byte entries: entry 0 is the least significant bits, as in QEMU.
+        mask = (1 << self.bits) - 1
+        per_byte = 8 // self.bits
+        return [(byte >> (k * self.bits)) & mask for byte in raw for k in range(per_byte)]
 
-    def set(self, cluster, value):
-        block, bit = self._where(cluster)
+    def set(self, block_offset, index, value):
+        bit = index * self.bits
         if self.bits >= 8:
-            os.pwrite(self.fd, value.to_bytes(self.bits // 8, "big"), block + bit // 8)
+            os.pwrite(self.fd, value.to_bytes(self.bits // 8, "big"), block_offset + bit // 8)
             return
-        byte = os.pread(self.fd, 1, block + bit // 8)[0]
+        byte = os.pread(self.fd, 1, block_offset + bit // 8)[0]
         shift = bit % 8
         mask = ((1 << self.bits) - 1) << shift
-        os.pwrite(self.fd, bytes([(byte & ~mask) | (value << shift)]), block + bit // 8)
-
-    def allocated(self):
-        """Every cluster with a refcount block, for the leak scan."""
-        for b, entry in enumerate(self.table):
-            if entry & S.OFFSET_MASK:
-                yield from range(b * self.per_block, (b + 1) * self.per_block)
+        os.pwrite(self.fd, bytes([(byte & ~mask) | (value << shift)]), block_offset + bit // 8)
 
 
 def repair_leaks(path, dry_run=False):
     """Lower leaked refcounts in the qcow2 image at ``path``.  Returns
     (leaks found, corruptions found).  Raises CorruptImage/UnsupportedImage."""
-    fd = os.open(path, os.O_RDONLY if dry_run else os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(path, (os.O_RDONLY if dry_run else os.O_RDWR) | os.O_CLOEXEC)
     try:
         hdr = read_header(fd, path)
         if any(t == S.EXT_BITMAPS for t, _ in hdr.extensions):
@@ -136,14 +128,15 @@ def repair_leaks(path, dry_run=False):
         refs = _references(fd, hdr)
         blocks = _RefcountBlocks(fd, hdr)
         leaks = corruptions = 0
-        for cluster in blocks.allocated():
-            have, want = blocks.get(cluster), refs.get(cluster, 0)
-            if have > want:
-                leaks += 1
-                if not dry_run:
-                    blocks.set(cluster, want)
-            elif have < want:
-                corruptions += 1
+        for first, offset, entries in blocks.blocks():
+            for index, have in enumerate(entries):
+                want = refs.get(first + index, 0)
+                if have > want:
+                    leaks += 1
+                    if not dry_run:
+                        blocks.set(offset, index, want)
+                elif have < want:
+                    corruptions += 1
         if leaks and not dry_run:
             os.fdatasync(fd)
         return leaks, corruptions

@@ -1,0 +1,522 @@
+"""Acceptance: a model-based test of the mounted namespace.
+
+A hypothesis state machine drives one mounted VM (two blank disks of
+different sizes) through random writes to the active disks and random
+snapshot operations -- create (touch / mkdir / control/create), delete
+(rmdir / control/delete), rename (mv), preview, commit and undo -- all
+through the filesystem, never the CLI.  A plain-Python model predicts the
+outcome (including the errno of every refusal), and after each step every
+view of the mount must read exactly the model's bytes.  At the end the
+store is unmounted, every qcow2 volume must pass ``qemu-img check`` and
+read (through ``qemu-img convert``) as the model says, ``snapfs check``
+must pass, and a fresh mount must show the same state again.
+"""
+
+import contextlib
+import errno
+import functools
+import json
+import os
+import random
+import re
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test,
+)
+
+from tests.support.mounting import mounted, snapfs, snapfs_mounts
+from tests.support.qemu import check, is_clean, to_raw
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE")
+
+# Two disks of different sizes; sdb's size is not a multiple of the 64 KiB
+# cluster, so its last cluster is partial.
+DISKS = {"sda": 4 << 20, "sdb": 3000 << 10}
+CLUSTER = 64 << 10
+MAX_WRITE = 256 << 10
+# A small alphabet, so that names collide often.
+NAMES = ("a", "b", "c", "d", "e")
+DESCRIPTIONS = ("", "nightly", "before the upgrade")
+
+STEPS = 25
+# Examples per run: the hypothesis profile's (50 in "ci").  Set
+# SNAPFS_MODEL_EXAMPLES to override it.
+EXAMPLES = os.environ.get("SNAPFS_MODEL_EXAMPLES")
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+PART_RE = re.compile(r"-part\d+\.raw$")     # partition views, if random data looks like an MBR
+
+
+# -- helpers -------------------------------------------------------------------
+
+def _errname(code):
+    return errno.errorcode.get(code, str(code)) if code else "success"
+
+
+def _attempt(expected, action, what):
+    """Run ``action``; it must succeed if ``expected`` is None, else fail
+    with OSError errno ``expected``."""
+    try:
+        action()
+    except OSError as e:
+        assert e.errno == expected, \
+            f"{what}: expected {_errname(expected)}, got {_errname(e.errno)} ({e})"
+        return
+    assert expected is None, f"{what}: expected {_errname(expected)}, but it succeeded"
+
+
+def _read_file(path, chunk=1 << 20):
+    out = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(chunk):
+            out += data
+    return bytes(out)
+
+
+def _first_difference(got, want):
+    if len(got) != len(want):
+        return f"length {len(got)} != {len(want)}"
+    diff = [i for i in range(0, len(want), 512) if got[i:i + 512] != want[i:i + 512]]
+    first = next(i for i in range(diff[0], diff[0] + 512) if got[i] != want[i])
+    return (f"{len(diff)} differing sector(s), first byte at {first} (cluster {first // CLUSTER}): "
+            f"got {got[first:first + 8].hex()} want {want[first:first + 8].hex()}")
+
+
+def _check_bytes(got, want, what):
+    if got != want:
+        raise AssertionError(f"{what} differs from the model: {_first_difference(got, want)}")
+
+
+def _disk_names(listing):
+    return sorted(n for n in listing if not PART_RE.search(n))
+
+
+def _control(mnt, command, text):
+    """``echo TEXT > vm/control/COMMAND``: one command per write."""
+    fd = os.open(mnt / "vm" / "control" / command, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def _touch(path, exclusive):
+    """What ``touch`` does: open(O_CREAT) and set the times; with
+    ``exclusive`` an existing name is EEXIST rather than EISDIR."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK
+    if exclusive:
+        flags |= os.O_EXCL
+    fd = os.open(path, flags, 0o666)
+    try:
+        os.utime(fd)
+    finally:
+        os.close(fd)
+
+
+def _pattern(kind, seed, length):
+    if kind == "zeros":
+        return bytes(length)
+    if kind == "fill":
+        return bytes([seed % 255 + 1]) * length
+    return random.Random(seed).randbytes(length)
+
+
+def _tracked(fn):
+    """Mark the machine failed if a step raises, so that teardown only
+    unmounts (its final checks would hide the real failure)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            with self._timed(fn.__name__):
+                return fn(self, *args, **kwargs)
+        except BaseException:
+            self.failed = True
+            raise
+    return wrapper
+
+
+offsets = st.integers(min_value=0, max_value=max(DISKS.values()) - 1)
+lengths = st.one_of(st.integers(min_value=1, max_value=4096),
+                    st.integers(min_value=1, max_value=MAX_WRITE))
+# At, just before and just after a cluster boundary (or the end of the disk).
+boundary_offsets = st.tuples(st.integers(0, max(DISKS.values()) // CLUSTER),
+                             st.integers(-3, 3)).map(lambda t: max(0, t[0] * CLUSTER + t[1]))
+boundary_lengths = st.one_of(st.sampled_from([1, 512, CLUSTER, 2 * CLUSTER, MAX_WRITE]),
+                             st.tuples(st.integers(1, 4), st.integers(-3, 3))
+                               .map(lambda t: t[0] * CLUSTER + t[1]))
+patterns = st.sampled_from(["random", "zeros", "fill"])
+seeds = st.integers(0, 2 ** 32 - 1)
+# After an operation: None, or the seed of a write to the active disk made
+# at once, before anything else looks at the mount (as a running VM would).
+then_writes = st.one_of(st.none(), seeds)
+
+
+# -- the state machine -----------------------------------------------------------
+
+class SnapfsModel(RuleBasedStateMachine):
+    base = None          # a directory for the examples' stores; set by the test
+    stats = None         # counters, set by the test
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+        self.mnt = None
+        self.stats = self.stats if self.stats is not None else {}
+        self.work = Path(tempfile.mkdtemp(prefix="model-", dir=self.base))
+        self.store = self.work / "store"
+        with self._timed("setup"):
+            shutil.copytree(self.template(), self.store)
+        # The model.
+        self.active = {d: bytearray(size) for d, size in DISKS.items()}
+        self.snaps = {}      # name -> {"data": {disk: bytes}, "description": str}
+        self.order = []      # snapshot names, oldest first
+        self.open_preview = None  # {"name": previewed snapshot, "before": {disk: bytes}}
+        self._mount = mounted(self.store, self.work / "mnt")
+        with self._timed("setup"):
+            self.mnt = self._mount.__enter__()
+        self._count("examples")
+
+    @classmethod
+    def template(cls):
+        """A new store with VM ``vm`` and its blank disks, made once per
+        test run and copied for every example."""
+        path = Path(cls.base) / "template"
+        if not path.exists():
+            snapfs("init", path)
+            snapfs("vm", "add", path, "vm",
+                   *[a for d, size in DISKS.items() for a in ("--disk", f"{d}={size}")])
+        return path
+
+    def _count(self, what):
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    @contextlib.contextmanager
+    def _timed(self, phase):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            times = self.stats.setdefault("seconds", {})
+            times[phase] = round(times.get(phase, 0) + time.monotonic() - started, 2)
+
+    @property
+    def snapdir(self):
+        return self.mnt / "vm" / "snapshots"
+
+    def _copy_active(self):
+        return {d: bytes(b) for d, b in self.active.items()}
+
+    # -- writes to the active disks --
+
+    # Two write rules (rules are drawn uniformly), so that writes are a
+    # good share of the steps and snapshots differ.
+    @rule(disk=st.sampled_from(sorted(DISKS)), offset=offsets, length=lengths, kind=patterns,
+          seed=seeds)
+    @_tracked
+    def write(self, disk, offset, length, kind, seed):
+        self._write(disk, offset, length, kind, seed)
+
+    @rule(disk=st.sampled_from(sorted(DISKS)), offset=boundary_offsets, length=boundary_lengths,
+          kind=patterns, seed=seeds)
+    @_tracked
+    def write_at_cluster_boundary(self, disk, offset, length, kind, seed):
+        self._write(disk, offset, length, kind, seed)
+
+    def _write_at_once(self, seed):
+        if seed is None:
+            return
+        rng = random.Random(seed)
+        disk = rng.choice(sorted(DISKS))
+        offset = rng.randrange(DISKS[disk])
+        self._write(disk, offset, rng.randint(1, MAX_WRITE), "random", seed)
+        self._count("write right after an operation")
+
+    def _write(self, disk, offset, length, kind, seed):
+        size = DISKS[disk]
+        offset = min(offset, size - 1)
+        length = min(length, size - offset)
+        data = _pattern(kind, seed, length)
+        with open(self.mnt / "vm" / "active" / f"{disk}.raw", "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.active[disk][offset:offset + length] = data
+        self._count("write")
+
+    # -- snapshot operations --
+
+    @rule(name=st.sampled_from(NAMES),
+          how=st.sampled_from(["touch", "touch-excl", "mkdir", "control"]),
+          description=st.sampled_from(DESCRIPTIONS), then_write=then_writes)
+    @_tracked
+    def create(self, name, how, description, then_write):
+        path = self.snapdir / name
+        exists = name in self.snaps
+        if how == "control":
+            # The operation itself decides: a preview is checked first.
+            expected = errno.EBUSY if self.open_preview else errno.EEXIST if exists else None
+            text = f"{name} {description}" if description else name
+            action = lambda: _control(self.mnt, "create", text)  # noqa: E731
+        else:
+            # The kernel looks the name up before it asks snapfs.
+            description = ""
+            if exists:
+                expected = errno.EISDIR if how == "touch" else errno.EEXIST
+            else:
+                expected = errno.EBUSY if self.open_preview else None
+            if how == "mkdir":
+                action = lambda: os.mkdir(path)  # noqa: E731
+            else:
+                action = lambda: _touch(path, exclusive=how == "touch-excl")  # noqa: E731
+        _attempt(expected, action, f"create {name!r} by {how}")
+        if expected is None:
+            self.snaps[name] = {"data": self._copy_active(), "description": description}
+            self.order.append(name)
+            self._write_at_once(then_write)
+        self._count("create" if expected is None else "create refused")
+
+    @rule(name=st.sampled_from(NAMES), how=st.sampled_from(["rmdir", "control"]),
+          then_write=then_writes)
+    @_tracked
+    def delete(self, name, how, then_write):
+        known = name in self.snaps
+        if how == "control":
+            expected = errno.EBUSY if self.open_preview else None if known else errno.ENOENT
+            action = lambda: _control(self.mnt, "delete", name)  # noqa: E731
+        else:
+            expected = errno.ENOENT if not known else errno.EBUSY if self.open_preview else None
+            action = lambda: os.rmdir(self.snapdir / name)  # noqa: E731
+        _attempt(expected, action, f"delete {name!r} by {how}")
+        if expected is None:
+            del self.snaps[name]
+            self.order.remove(name)
+            # rmdir is answered once the delete is recorded; the merge goes
+            # on in the background (control/status: "running").  Meanwhile
+            # the snapshot is gone and every view reads as before; writes
+            # wait for the merge, and other operations are EBUSY.
+            self._write_at_once(then_write)
+            self.verify(self.mnt, running_ok=True)
+            self._wait_until_idle()
+        self._count("delete" if expected is None else "delete refused")
+
+    def _wait_until_idle(self, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            status = json.loads(_read_file(self.mnt / "vm" / "control" / "status"))
+            if status["state"] != "running":
+                return
+            assert time.monotonic() < deadline, f"still running after {timeout}s: {status}"
+            time.sleep(0.02)
+
+    @rule(old=st.sampled_from(NAMES), new=st.sampled_from(NAMES))
+    @_tracked
+    def rename(self, old, new):
+        if old not in self.snaps:
+            expected = errno.ENOENT
+        elif old != new and new in self.snaps:
+            expected = errno.EEXIST
+        else:
+            expected = None      # renaming to itself is a no-op (the kernel's)
+        _attempt(expected, lambda: os.rename(self.snapdir / old, self.snapdir / new),
+                 f"rename {old!r} -> {new!r}")
+        if expected is None and old != new:
+            self.snaps[new] = self.snaps.pop(old)
+            self.order[self.order.index(old)] = new
+            if self.open_preview and self.open_preview["name"] == old:
+                self.open_preview["name"] = new
+        self._count("rename" if expected is None else "rename refused")
+
+    @rule(name=st.sampled_from(NAMES), then_write=then_writes)
+    @_tracked
+    def preview(self, name, then_write):
+        expected = errno.EBUSY if self.open_preview else None if name in self.snaps else errno.ENOENT
+        _attempt(expected, lambda: _control(self.mnt, "preview", name), f"preview {name!r}")
+        if expected is None:
+            self.open_preview = {"name": name, "before": self._copy_active()}
+            self.active = {d: bytearray(b) for d, b in self.snaps[name]["data"].items()}
+            self._write_at_once(then_write)
+        self._count("preview" if expected is None else "preview refused")
+
+    @precondition(lambda self: self.open_preview is None)
+    @rule(command=st.sampled_from(["commit", "undo"]), text=st.sampled_from(["", "yes"]))
+    @_tracked
+    def end_without_preview(self, command, text):
+        # DESIGN.md does not name the errno for commit/undo without a
+        # preview; snapfs answers EINVAL (operations.py).
+        _attempt(errno.EINVAL, lambda: _control(self.mnt, command, text), command)
+        self._count(f"{command} refused")
+
+    @precondition(lambda self: self.open_preview is not None)
+    @rule(text=st.sampled_from(["", "yes", "commit it"]), then_write=then_writes)
+    @_tracked
+    def commit(self, text, then_write):
+        _attempt(None, lambda: _control(self.mnt, "commit", text), "commit")
+        index = self.order.index(self.open_preview["name"])
+        for name in self.order[index + 1:]:
+            del self.snaps[name]
+        del self.order[index + 1:]
+        self.open_preview = None
+        self._write_at_once(then_write)
+        self._count("commit")
+
+    @precondition(lambda self: self.open_preview is not None)
+    @rule(text=st.sampled_from(["", "undo"]), then_write=then_writes)
+    @_tracked
+    def undo(self, text, then_write):
+        _attempt(None, lambda: _control(self.mnt, "undo", text), "undo")
+        self.active = {d: bytearray(b) for d, b in self.open_preview["before"].items()}
+        self.open_preview = None
+        self._write_at_once(then_write)
+        self._count("undo")
+
+    # -- what must hold after every step --
+
+    @invariant()
+    @_tracked
+    def views_match_the_model(self):
+        self.verify(self.mnt)
+        self.check_volume_files()
+
+    def verify(self, mnt, running_ok=False):
+        vm = mnt / "vm"
+        want_top = ["active", "control", "snapshots"] + (["before-preview"] if self.open_preview else [])
+        try:
+            top = os.listdir(vm)
+        except FileNotFoundError:
+            if str(mnt) not in snapfs_mounts():
+                # Not snapfs: tests/conftest.py's no_leftover_mounts, at the end
+                # of any other pytest session on this machine, force-unmounts
+                # every snapfs mount that session did not see at its start.
+                raise AssertionError(f"{mnt} is no longer mounted (unmounted from outside?)")
+            raise
+        assert sorted(top) == sorted(want_top), "the VM directory"
+
+        listed = sorted(os.listdir(vm / "snapshots"))
+        want = sorted(self.order + (["latest"] if self.order else []))
+        assert listed == want, f"snapshots/ lists {listed}, the model has {want}"
+        if self.order:
+            latest = vm / "snapshots" / "latest"
+            assert stat.S_ISLNK(os.lstat(latest).st_mode)
+            assert os.readlink(latest) == self.order[-1], "snapshots/latest"
+
+        disk_files = sorted(f"{d}.raw" for d in DISKS)
+        for name in self.order:
+            sdir = vm / "snapshots" / name
+            assert stat.S_ISDIR(os.stat(sdir).st_mode), f"snapshots/{name} is not a directory"
+            assert _disk_names(os.listdir(sdir)) == sorted(disk_files + ["snapshot.json"])
+            doc = json.loads(_read_file(sdir / "snapshot.json"))
+            assert doc["name"] == name, f"snapshots/{name}/snapshot.json names {doc['name']!r}"
+            assert doc["description"] == self.snaps[name]["description"]
+            for d in DISKS:
+                self._check_view(sdir / f"{d}.raw", self.snaps[name]["data"][d],
+                                 f"snapshots/{name}/{d}.raw")
+
+        assert _disk_names(os.listdir(vm / "active")) == disk_files
+        for d in DISKS:
+            self._check_view(vm / "active" / f"{d}.raw", bytes(self.active[d]), f"active/{d}.raw")
+        if self.open_preview:
+            assert _disk_names(os.listdir(vm / "before-preview")) == disk_files
+            for d in DISKS:
+                self._check_view(vm / "before-preview" / f"{d}.raw", self.open_preview["before"][d],
+                                 f"before-preview/{d}.raw")
+
+        status = json.loads(_read_file(vm / "control" / "status"))
+        want_state = "preview" if self.open_preview else "idle"
+        assert status["state"] == want_state or running_ok and status["state"] == "running", status
+        assert status["snapshots"] == self.order, status
+        previewed = status["preview"]["snapshot"] if status["preview"] else None
+        assert previewed == (self.open_preview["name"] if self.open_preview else None), status
+
+    def _check_view(self, path, want, what):
+        assert os.stat(path).st_size == len(want), f"{what}: size"
+        _check_bytes(_read_file(path), want, what)
+
+    def _volume_files(self):
+        vm_dir = self.store / "vms" / "vm"
+        return sorted(n for n in os.listdir(vm_dir) if UUID_RE.match(n))
+
+    def check_volume_files(self):
+        # One volume per disk for each snapshot and for the active state,
+        # plus the previous active leaves while a preview is open: nothing
+        # leaks and nothing is lost.
+        layers = len(self.order) + 1 + (1 if self.open_preview else 0)
+        files = self._volume_files()
+        assert len(files) == layers * len(DISKS), \
+            f"{len(files)} volume files, expected {layers * len(DISKS)}: {files}"
+
+    # -- the end: the store as QEMU and `snapfs check` see it, and a remount --
+
+    def teardown(self):
+        try:
+            if self.mnt is not None:
+                self.mnt = None
+                with self._timed("unmount"):
+                    self._mount.__exit__(None, None, None)
+            if not self.failed:
+                with self._timed("final checks"):
+                    self.final_checks()
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            if not self.failed:
+                shutil.rmtree(self.work, ignore_errors=True)
+            else:
+                # Kept for a post-mortem (store/snapfs.log has the daemon's log).
+                self.stats.setdefault("kept", []).append(str(self.work))
+
+    def final_checks(self):
+        vm_dir = self.store / "vms" / "vm"
+        with self._timed("final: qemu-img check"):
+            for name in self._volume_files():
+                report = check(vm_dir / name)
+                assert is_clean(report), f"qemu-img check {name}: {report}"
+        with self._timed("final: snapfs check"):
+            result = snapfs("check", self.store, check=False)
+            assert result.returncode == 0, \
+                f"snapfs check failed:\n{result.stdout}{result.stderr}"
+
+        # QEMU reads every layer as the model says.
+        with self._timed("final: qemu-img convert"):
+            manifest = json.loads((vm_dir / "manifest.json").read_text())
+            views = {f"active/{d}": (manifest["active"][d], bytes(self.active[d]))
+                     for d in DISKS}
+            for snap in manifest["snapshots"]:
+                for d in DISKS:
+                    views[f"snapshots/{snap['name']}/{d}"] = (
+                        snap["volumes"][d], self.snaps[snap["name"]]["data"][d])
+            if self.open_preview:
+                for d in DISKS:
+                    views[f"before-preview/{d}"] = (manifest["preview"]["before"][d],
+                                                    self.open_preview["before"][d])
+            for what, (vid, want) in views.items():
+                _check_bytes(to_raw(vm_dir / vid), want, f"qemu-img convert of {what} ({vid})")
+
+        # A fresh mount shows the same state.
+        with self._timed("final: remount"):
+            with mounted(self.store, self.work / "mnt2") as mnt:
+                self.verify(mnt)
+        self._count("final checks")
+
+
+def test_model(tmp_path):
+    stats = {}
+    SnapfsModel.base = tmp_path
+    SnapfsModel.stats = stats
+    options = dict(stateful_step_count=STEPS)
+    if EXAMPLES:
+        options["max_examples"] = int(EXAMPLES)
+    started = time.monotonic()
+    try:
+        run_state_machine_as_test(SnapfsModel, settings=settings(**options))
+    finally:
+        print(f"\nmodel: {time.monotonic() - started:.1f}s, {stats}")
