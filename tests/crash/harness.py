@@ -25,8 +25,6 @@ from tests.support import qemu
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = "snapfs.cli"
-# The same CLI with the qcow2 writer's internal ordering points armed too.
-ARMED_CLI = "tests.crash.armed_cli"
 VM = "vm"
 
 KiB = 1024
@@ -42,12 +40,12 @@ TIMEOUT = 120
 
 # -- running the CLI -------------------------------------------------------------
 
-def run_snapfs(*args, env=None, module=CLI, timeout=TIMEOUT):
+def run_snapfs(*args, env=None, timeout=TIMEOUT):
     """Run ``snapfs ARGS`` as a user would; ``env`` adds to a clean copy of
     the environment (crash variables inherited from the caller are dropped)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_CRASH_")}
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", module] + [str(a) for a in args],
+    return subprocess.run([sys.executable, "-m", CLI] + [str(a) for a in args],
                           capture_output=True, text=True, env=full, cwd=ROOT, timeout=timeout)
 
 
@@ -59,13 +57,13 @@ def ok(result, what=""):
     return result
 
 
-def trace_run(args, workdir, module=CLI):
+def trace_run(args, workdir):
     """Run the CLI once, uninterrupted, recording its crash points.
     Returns (CompletedProcess, [point name, ...] in order)."""
     trace = Path(workdir) / "crash-trace.txt"
     if trace.exists():
         trace.unlink()
-    result = run_snapfs(*args, env={"SNAPFS_CRASH_TRACE": str(trace)}, module=module)
+    result = run_snapfs(*args, env={"SNAPFS_CRASH_TRACE": str(trace)})
     names = []
     if trace.exists():
         for i, line in enumerate(trace.read_text().splitlines(), 1):
@@ -75,9 +73,9 @@ def trace_run(args, workdir, module=CLI):
     return result, names
 
 
-def crash_run(args, n, module=CLI):
+def crash_run(args, n):
     """Run the CLI with ``SNAPFS_CRASH_AT=n``; it must die of SIGKILL."""
-    result = run_snapfs(*args, env={"SNAPFS_CRASH_AT": str(n)}, module=module)
+    result = run_snapfs(*args, env={"SNAPFS_CRASH_AT": str(n)})
     assert result.returncode == -9, (
         f"expected SIGKILL at crash point {n}, got exit {result.returncode}\n"
         f"stdout: {result.stdout}\nstderr: {result.stderr}")
@@ -265,8 +263,7 @@ class OpCase:
     ``snapfs snapshot OP STORE VM``; ``predict(before)`` is the state after
     a successful run; from the first crash point named ``point_of_no_return``
     on, recovery must roll forward (before it, back); ``directions`` is the
-    merge direction expected per disk (deletes only); ``module`` is the CLI
-    that is killed (ARMED_CLI: kills inside the writer's batches too)."""
+    merge direction expected per disk (deletes only)."""
     id: str
     store: str
     op: str
@@ -274,7 +271,6 @@ class OpCase:
     predict: object
     point_of_no_return: str | None
     directions: dict | None = None
-    module: str = CLI
 
     def cli(self, store):
         return ("snapshot", self.op, store, VM, *self.args)

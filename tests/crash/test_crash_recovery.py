@@ -21,8 +21,8 @@ process SIGKILLs itself there) and checks that:
 - a rolled-back operation can be run again to completion, and the store
   then passes ``snapfs check``.
 
-Deletes run under ``tests.crash.armed_cli`` (the CLI with the qcow2
-writer's internal ordering points armed as crash points too), so kills also
+The qcow2 writer's internal ordering points are crash points too
+(``write:*``, see snapfs/writers.py), so kills also
 land inside a write batch.  ``test_crash_during_recovery`` kills recovery
 itself at each of its crash points and recovers again.
 
@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.crash.harness import (
-    ARMED_CLI, CLI, KiB, MiB, RECOVERY_LINES, RESULTS, VM, OpCase, Outcome, build_qcow2_chain,
+    CLI, KiB, MiB, RECOVERY_LINES, RESULTS, VM, OpCase, Outcome, build_qcow2_chain,
     check_clean, check_no_corruption, copy_store, crash_run, manifest, merge_phase, ok,
     run_snapfs, state_differences, trace_run, vm_dir, vm_state)
 from tests.support import qemu
@@ -188,21 +188,21 @@ def after_undo(b):
     return {**b, "active": dict(b["preview"]["before"]), "preview": None}
 
 
-# Deletes run under armed_cli: besides the delete:* points, every ordering
+# Besides the delete:* points of a delete, every ordering
 # point inside the qcow2 writer's batches (write:refcounts, write:data,
 # write:l2, write:free) is a crash point too, where leaks are expected.
 CASES = [
     OpCase("create", "main", "create", ("fresh",), after_create("fresh"), "create:done"),
     OpCase("delete-commit", "main", "delete", ("s2",), after_delete("s2"), "delete:recorded",
-           {"sda": "commit", "sdb": "commit"}, module=ARMED_CLI),
+           {"sda": "commit", "sdb": "commit"}),
     OpCase("delete-stream", "main", "delete", ("s1",), after_delete("s1"), "delete:recorded",
-           {"sda": "stream", "sdb": "stream"}, module=ARMED_CLI),
+           {"sda": "stream", "sdb": "stream"}),
     OpCase("delete-oldest", "main", "delete", ("s0",), after_delete("s0"), "delete:recorded",
-           {"sda": "commit", "sdb": "stream"}, module=ARMED_CLI),
+           {"sda": "commit", "sdb": "stream"}),
     OpCase("delete-newest", "main", "delete", ("s3",), after_delete("s3"), "delete:recorded",
-           {"sda": "stream", "sdb": "commit"}, module=ARMED_CLI),
+           {"sda": "stream", "sdb": "commit"}),
     OpCase("delete-raw-base", "raw", "delete", ("r0",), after_delete("r0"), "delete:recorded",
-           {"sda": "commit", "sdb": "stream"}, module=ARMED_CLI),
+           {"sda": "commit", "sdb": "stream"}),
     # One manifest write: either name is fine, whenever the kill comes.
     OpCase("rename", "main", "rename", ("s1", "renamed"), after_rename("s1", "renamed"), None),
     OpCase("preview", "main", "preview", ("s2",), after_preview("s2"), "preview:done"),
@@ -239,7 +239,7 @@ def exercise(case, n, points, pristine_store, before_state, after_state, workdir
     """Kill ``case`` at crash point ``n`` on a fresh copy; verify recovery.
     Returns what happened: {"which": "before"|"after", "leaky": files}."""
     store = copy_store(pristine_store, workdir / "store")
-    crash_run(case.cli(store), n, case.module)
+    crash_run(case.cli(store), n)
     want, which = _expected(case, points, n, before_state, after_state)
     done = verify_recovery(case, store, want, which, before_state, after_state)
     shutil.rmtree(workdir)
@@ -300,7 +300,7 @@ def test_crash_at_every_point(case, pristine, before, tmp_path):
 
     # The uninterrupted run: its crash points, and the state it reaches.
     reference = copy_store(pristine[case.store], tmp_path / "reference")
-    result, points = trace_run(case.cli(reference), tmp_path, case.module)
+    result, points = trace_run(case.cli(reference), tmp_path)
     ok(result, f"snapfs snapshot {case.op} (uninterrupted)")
     m = check_clean(reference)
     ok(run_snapfs("check", reference), "snapfs check after the uninterrupted run")
@@ -310,15 +310,6 @@ def test_crash_at_every_point(case, pristine, before, tmp_path):
     if case.point_of_no_return is not None and points:
         assert case.point_of_no_return in points, points
     shutil.rmtree(reference)
-    if case.module != CLI:
-        # The armed CLI only adds crash points: the plain one reaches the
-        # same others and the same state.
-        plain = copy_store(pristine[case.store], tmp_path / "plain")
-        result, plain_points = trace_run(case.cli(plain), tmp_path)
-        ok(result, f"snapfs snapshot {case.op} (plain CLI)")
-        assert plain_points == [p for p in points if not p.startswith("write:")], plain_points
-        _assert_state(plain, after_state, f"{case.id}: the plain CLI's run")
-        shutil.rmtree(plain)
 
     outcome = Outcome(case.id, points)
     disks = manifest(pristine[case.store])["disks"]     # merges run in this order
