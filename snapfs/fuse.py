@@ -32,6 +32,7 @@ class SnapfsOperations(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
         vfs.notify = self._note_invalidation
+        vfs.notify_inode = self._note_stale_pages
         self._pending = threading.local()
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -51,6 +52,16 @@ class SnapfsOperations(pyfuse3.Operations):
         else:
             items.append((parent, os.fsencode(name)))
 
+    def _note_stale_pages(self, inode):
+        """An active view now shows another leaf: drop its cached pages.
+        pyfuse3 has no queued variant, so outside a request a short-lived
+        thread waits for the kernel instead of the caller."""
+        items = getattr(self._pending, "items", None)
+        if items is None:
+            threading.Thread(target=_invalidate_pages, args=(inode,), daemon=True).start()
+        else:
+            items.append((inode, None))
+
     def _operation(self, fn, *args, wait_for_kernel=False):
         """Run an operation in a worker thread, then drop the kernel's
         cached entries it made stale.
@@ -68,7 +79,9 @@ class SnapfsOperations(pyfuse3.Operations):
                 return fn(*args)
             finally:
                 for parent, name in self._pending.items:
-                    if wait_for_kernel:
+                    if name is None:
+                        _invalidate_pages(parent)
+                    elif wait_for_kernel:
                         try:
                             pyfuse3.invalidate_entry(parent, name)
                         except (FileNotFoundError, OSError):
@@ -250,6 +263,13 @@ class SnapfsOperations(pyfuse3.Operations):
 
     async def access(self, inode, mode, ctx):
         return True
+
+
+def _invalidate_pages(inode):
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=False)
+    except OSError:
+        pass    # nothing cached
 
 
 def mount_options(store_path, allow_other=False, extra=()):

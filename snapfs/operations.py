@@ -44,19 +44,22 @@ def default_snapshot_name():
 
 class VmOperations:
     """Operations on VM ``vm`` of ``store``.  ``progress(done, total)`` is
-    called while a merge moves data."""
+    called while a merge moves data; ``on_saved(manifest)`` after every
+    manifest switch, before any file the switch dropped is deleted (a mount
+    follows the new manifest at once)."""
 
-    def __init__(self, store, vm, progress=None):
+    def __init__(self, store, vm, progress=None, on_saved=None):
         self.store = store
         self.vm = vm
         self.progress = progress
+        self.on_saved = on_saved
 
     # -- helpers ------------------------------------------------------------
 
     def _load(self):
         m = self.store.load_vm(self.vm)
         if m.operation is not None:
-            recover_vm(self.store, m)
+            recover_vm(self.store, m, self._save)
             m = self.store.load_vm(self.vm)
         return m
 
@@ -65,6 +68,8 @@ class VmOperations:
 
     def _save(self, m):
         self.store.save_vm(m)
+        if self.on_saved is not None:
+            self.on_saved(m)
 
     def _refuse_if_in_use(self, m, vids):
         for vid in vids:
@@ -109,7 +114,7 @@ class VmOperations:
         m.last_operation = last
         self._save(m)
         crashpoint(f"{op}:switched")
-        _finish_deletions(self.store, m)
+        _finish_deletions(self.store, m, self._save)
 
     # -- operations ---------------------------------------------------------
 
@@ -219,7 +224,7 @@ class VmOperations:
     def finish_delete(self, started):
         """Steps 2-5: move the data, relink, switch the manifest, clean up."""
         m, plans = started
-        return _finish_delete(self.store, m, plans, self.progress)
+        return _finish_delete(self.store, m, plans, self.progress, self._save)
 
 
 # -- finishing and recovery ---------------------------------------------------
@@ -232,7 +237,7 @@ def _fsync_file(path):
         os.close(fd)
 
 
-def _finish_deletions(store, m):
+def _finish_deletions(store, m, save=None):
     for vid in m.operation.get("delete", []):
         try:
             os.unlink(store.volume_path(m.name, vid))
@@ -241,10 +246,10 @@ def _finish_deletions(store, m):
         crashpoint(f"{m.operation['op']}:unlinked")
     fsync_dir(store.vm_dir(m.name))
     m.operation = None
-    store.save_vm(m)
+    (save or store.save_vm)(m)
 
 
-def _finish_delete(store, m, plans, progress=None):
+def _finish_delete(store, m, plans, progress=None, save=None):
     """Steps 2-5 of a delete; safe to run again after a crash at any point."""
     total = sum(p.bytes for p in plans)
     moved_before = 0
@@ -280,9 +285,9 @@ def _finish_delete(store, m, plans, progress=None):
               "disks": {p.disk: {"direction": p.direction, "bytes": p.bytes} for p in plans}}
     m.operation = {"op": "delete", "phase": "cleanup", "delete": sorted(doomed)}
     m.last_operation = record
-    store.save_vm(m)
+    (save or store.save_vm)(m)
     crashpoint("delete:switched")
-    _finish_deletions(store, m)              # step 5
+    _finish_deletions(store, m, save)        # step 5
     log.info("deleted snapshot %s of %s: %s", snapshot_name, m.name, record["disks"])
     return record
 
@@ -297,7 +302,7 @@ def _replace_volume(m, old, new):
             m.active[disk] = new
 
 
-def recover_vm(store, m):
+def recover_vm(store, m, save=None):
     """Finish or roll back the operation recorded in ``m``.  Returns a line
     saying what was done, or None if nothing was pending."""
     op = m.operation
@@ -309,7 +314,7 @@ def recover_vm(store, m):
         for vid in op["new"].values():
             m.volumes.pop(vid, None)
         m.operation = {"op": kind, "delete": sorted(op["new"].values())}
-        _finish_deletions(store, m)
+        _finish_deletions(store, m, save)
         return f"{m.name}: rolled back an interrupted {kind}"
     if kind == "delete" and op.get("phase") == "merge":
         # The data move is idempotent: plan it again in the recorded
@@ -322,9 +327,9 @@ def recover_vm(store, m):
             pool.close()
         for plan in plans:
             plan.bytes = op["disks"][plan.disk]["bytes"]
-        _finish_delete(store, m, plans)
+        _finish_delete(store, m, plans, save=save)
         return f"{m.name}: finished an interrupted delete of {op['snapshot']['name']}"
-    _finish_deletions(store, m)
+    _finish_deletions(store, m, save)
     return f"{m.name}: finished an interrupted {kind}"
 
 

@@ -20,6 +20,7 @@ the kernel to drop its cached entries (the adapter queues that outside the
 request handler).
 """
 
+import copy
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from .errors import (
 )
 from .operations import VmOperations
 from .partitions import find_partitions
-from .views import ActiveDisk, DiskView, PartitionView
+from .views import ActiveDisk, ActiveSlot, DiskView, PartitionView
 from .volume import VolumePool
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Node:
     immutable: bool = True
     children: dict | None = None          # name -> inode, once listed
     lister: object = None                 # () -> list of node specs
-    view: object = None                   # DiskView, PartitionView, ActiveDisk or bytes
+    view: object = None                   # DiskView, PartitionView, ActiveSlot or bytes
     target: str | None = None             # symlink target
     control: str | None = None            # control file command, or "status"
     render: object = None                 # () -> bytes, made at open (snapshot.json)
@@ -99,14 +100,16 @@ class VmState:
     io_lock: threading.RLock = field(default_factory=threading.RLock)
     running: dict | None = None
     last_error: dict | None = None
-    active: dict = field(default_factory=dict)    # disk -> ActiveDisk
+    stale_pages: bool = False        # the active leaves changed under the page cache
+    active: dict = field(default_factory=dict)    # disk -> ActiveSlot
 
 
 class Vfs:
-    def __init__(self, store, pool=None, notify=None):
+    def __init__(self, store, pool=None, notify=None, notify_inode=None):
         self.store = store
         self.pool = pool or VolumePool()
         self.notify = notify or (lambda parent, name: None)
+        self.notify_inode = notify_inode or (lambda inode: None)
         self._nodes = {}
         self._next_inode = ROOT_INODE
         self._lock = threading.RLock()
@@ -160,13 +163,13 @@ class Vfs:
             if writable:
                 raise ReadOnly(f"{node.name} is read-only")
             return Handle(node, node.render())
-        if writable and not isinstance(node.view, ActiveDisk) and not _is_active_part(node):
+        if writable and not isinstance(node.view, ActiveSlot) and not _is_active_part(node):
             raise ReadOnly(f"{node.name} is a read-only view")
         # EIO now rather than on the first read.
         disk = node.view.disk if isinstance(node.view, PartitionView) else node.view
         if isinstance(disk, DiskView):
             disk.chain()
-        elif isinstance(disk, ActiveDisk):
+        elif isinstance(disk, ActiveSlot):
             disk.check()
         return Handle(node)
 
@@ -189,7 +192,7 @@ class Vfs:
         if node.control:
             self._control(node, data)
             return len(data)
-        if isinstance(node.view, ActiveDisk) or _is_active_part(node):
+        if isinstance(node.view, ActiveSlot) or _is_active_part(node):
             node.view.write(offset, data)
             handle.wrote = True
             return len(data)
@@ -199,33 +202,36 @@ class Vfs:
         """After writes to a whole active disk, its partition table may have
         changed (sfdisk, parted): list its partition views anew."""
         node = handle.node
-        if not (handle.wrote and isinstance(node.view, ActiveDisk)):
+        if handle.wrote and isinstance(node.view, ActiveSlot):
+            with self._lock:
+                self._refresh_partitions(node)
+
+    def _refresh_partitions(self, node):
+        """Make the ``<disk>-partN.raw`` siblings of active view ``node``
+        match the disk's partition table now."""
+        active = self._nodes.get(node.parent)
+        if active is None or active.children is None:
             return
-        disk = node.name[:-len(".raw")]
-        prefix = f"{disk}-part"
+        prefix = node.name[:-len(".raw")] + "-part"
         parts = self._partitions(node.view)
         wanted = {f"{prefix}{p.number}.raw": (p.start, p.length) for p in parts}
-        with self._lock:
-            active = self._nodes.get(node.parent)
-            if active is None or active.children is None or node.vm.active.get(disk) is not node.view:
-                return    # not listed yet, or replaced by an operation since
-            shown = {n: (self._nodes[i].view.start, self._nodes[i].view.size)
-                     for n, i in active.children.items() if n.startswith(prefix)}
-            if shown == wanted:
-                return
-            for name in shown:
-                del active.children[name]
-            for part in parts:
-                self._attach(active, dict(
-                    name=f"{prefix}{part.number}.raw", mode=ACTIVE_MODE,
-                    mtime_ns=self.mount_time_ns, vm=node.vm, immutable=False,
-                    timeout=MUTABLE_TIMEOUT, view=PartitionView(node.view, part.start, part.length)))
-            for name in set(shown) | set(wanted):
-                self.notify(active.inode, name)
+        shown = {n: (self._nodes[i].view.start, self._nodes[i].view.size)
+                 for n, i in active.children.items() if n.startswith(prefix)}
+        if shown == wanted:
+            return
+        for name in shown:
+            del active.children[name]
+        for part in parts:
+            self._attach(active, dict(
+                name=f"{prefix}{part.number}.raw", mode=ACTIVE_MODE, mtime_ns=self.mount_time_ns,
+                vm=node.vm, immutable=False, timeout=MUTABLE_TIMEOUT,
+                view=PartitionView(node.view, part.start, part.length)))
+        for name in set(shown) | set(wanted):
+            self.notify(active.inode, name)
 
     def fsync(self, handle):
         node = handle.node
-        if isinstance(node.view, ActiveDisk) or _is_active_part(node):
+        if isinstance(node.view, ActiveSlot) or _is_active_part(node):
             node.view.flush()
 
     def setattr(self, inode, truncate, touch):
@@ -317,16 +323,21 @@ class Vfs:
             def progress(done, total):
                 vm.running["progress"] = {"done": done, "total": total}
 
-            ops = VmOperations(self.store, vm.name, progress=progress)
+            # Every manifest switch is followed at once, still under the
+            # io_lock: files it dropped are deleted only afterwards, and
+            # writes waiting for the lock land in the new leaves.
+            ops = VmOperations(self.store, vm.name, progress=progress,
+                               on_saved=lambda m: self._refresh_vm(vm, m))
             try:
                 with vm.io_lock:
-                    for disk in vm.active.values():
-                        disk.flush()
+                    for slot in vm.active.values():
+                        slot.flush()
                     result = action(ops)
             except SnapfsError as e:
                 self._refused(vm, op, e)
             finally:
                 self._refresh_vm(vm)
+                self._flush_page_caches(vm)
             if then is not None:
                 thread = threading.Thread(target=self._continue, args=(vm, op, ops, then, result),
                                           name=f"snapfs-{op}-{vm.name}", daemon=True)
@@ -341,7 +352,10 @@ class Vfs:
     def _continue(self, vm, op, ops, then, result):
         try:
             with vm.io_lock:
-                then(ops, result)
+                try:
+                    then(ops, result)
+                finally:
+                    self._refresh_vm(vm)
         except SnapfsError as e:
             vm.last_error = {"op": op, "error": str(e), "errno": e.errno, "time": _utc_now()}
             log.error("%s on VM %s failed: %s (it resumes with the next operation)",
@@ -349,9 +363,9 @@ class Vfs:
         except Exception:
             log.exception("%s on VM %s failed", op, vm.name)
         finally:
-            self._refresh_vm(vm)
             vm.running = None
             vm.op_lock.release()
+            self._flush_page_caches(vm)
 
     def _refused(self, vm, op, error):
         vm.last_error = {"op": op, "error": str(error), "errno": error.errno,
@@ -478,21 +492,24 @@ class Vfs:
 
     def _list_active(self, vm):
         m = vm.manifest
-        for disk in vm.active.values():
-            disk.retire()
-        vm.active = {d: ActiveDisk(self.pool, self.store.chain_refs(m, m.active[d]), vm.io_lock)
-                     for d in m.disks}
+        for disk in m.disks:
+            if disk not in vm.active:
+                vm.active[disk] = ActiveSlot(self._active_disk(vm, disk), vm.io_lock)
         specs = []
         for disk in m.disks:
-            view = vm.active[disk]
+            slot = vm.active[disk]
             specs.append(dict(name=f"{disk}.raw", mode=ACTIVE_MODE, mtime_ns=self.mount_time_ns,
-                              view=view, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT))
-            for part in self._partitions(view):
+                              view=slot, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT))
+            for part in self._partitions(slot):
                 specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=ACTIVE_MODE,
                                   mtime_ns=self.mount_time_ns, vm=vm, immutable=False,
                                   timeout=MUTABLE_TIMEOUT,
-                                  view=PartitionView(view, part.start, part.length)))
+                                  view=PartitionView(slot, part.start, part.length)))
         return specs
+
+    def _active_disk(self, vm, disk):
+        m = vm.manifest
+        return ActiveDisk(self.pool, self.store.chain_refs(m, m.active[disk]))
 
     def _list_disks(self, vm, volumes, snapshot):
         m = vm.manifest
@@ -531,16 +548,19 @@ class Vfs:
 
     # -- keeping the tree in step with the manifest ----------------------------
 
-    def _refresh_vm(self, vm):
-        """Reload the manifest after an operation and replace what changed."""
+    def _refresh_vm(self, vm, manifest=None):
+        """Follow the VM's manifest (reloaded, or as just saved) and replace
+        what changed: snapshot nodes by key, the active leaves in their
+        slots, the before-preview directory."""
         try:
-            vm.manifest = self.store.load_vm(vm.name)
+            manifest = copy.deepcopy(manifest) if manifest else self.store.load_vm(vm.name)
         except SnapfsError as e:
             log.error("VM %s cannot be reloaded: %s", vm.name, e)
             return
-        # Volumes changed on disk (merged, relinked, deleted): open them anew.
-        self.pool.forget(self.store.vm_dir(vm.name))
         with self._lock:
+            vm.manifest = manifest
+            # Volumes changed on disk (merged, relinked, deleted): open them anew.
+            self.pool.forget(self.store.vm_dir(vm.name))
             vm_node = self._nodes[vm.inode]
             if vm_node.children is None:
                 return
@@ -548,9 +568,29 @@ class Vfs:
             active = self._nodes[vm_node.children["active"]]
             if active.key != self._active_key(vm):
                 active.key = self._active_key(vm)
-                self._reset(active)
+                for disk, slot in vm.active.items():
+                    old, slot.disk = slot.disk, self._active_disk(vm, disk)
+                    old.retire()
+                    vm.stale_pages = True
+                if active.children is not None:
+                    for name, inode in list(active.children.items()):
+                        node = self._nodes[inode]
+                        if isinstance(node.view, ActiveSlot):
+                            self._refresh_partitions(node)
             wanted = [self._before_preview_spec(vm)] if vm.manifest.preview else []
             self._refresh_children(vm_node, wanted, only={"before-preview"})
+
+    def _flush_page_caches(self, vm):
+        """The kernel may cache pages of the active views: drop them once the
+        leaves changed.  Called without the io_lock (a write waiting for it
+        may hold a page the kernel needs)."""
+        if not vm.stale_pages:
+            return
+        vm.stale_pages = False
+        vm_node = self._nodes[vm.inode]
+        active = self._nodes[vm_node.children["active"]] if vm_node.children else None
+        for inode in (active.children or {}).values() if active else ():
+            self.notify_inode(inode)
 
     def _refresh_dir(self, vm_node, name, specs):
         node = self._nodes[vm_node.children[name]]
@@ -588,12 +628,6 @@ class Vfs:
                 self.notify(parent.inode, name)   # may be cached as absent
         parent.children.update(new)
 
-    def _reset(self, node):
-        """Forget a directory's listing (it is rebuilt on the next lookup)."""
-        for name in list(node.children or ()):
-            self.notify(node.inode, name)
-        node.children = None
-
     def _time(self, iso):
         try:
             return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1e9)
@@ -602,7 +636,7 @@ class Vfs:
 
 
 def _is_active_part(node):
-    return isinstance(node.view, PartitionView) and isinstance(node.view.disk, ActiveDisk)
+    return isinstance(node.view, PartitionView) and isinstance(node.view.disk, ActiveSlot)
 
 
 def _utc_now():

@@ -76,17 +76,43 @@ class PartitionView:
         self.disk.flush()
 
 
+class ActiveSlot:
+    """What ``active/<disk>.raw`` shows: always the VM's *current* active
+    leaf, whatever operations replaced it since the file was opened or
+    looked up.  ``io_lock`` serialises writes with the VM's operations: an
+    operation swaps ``disk`` while holding it, so a write that waited for
+    the operation lands in the new leaf."""
+
+    def __init__(self, disk, io_lock):
+        self.disk = disk
+        self.io_lock = io_lock
+
+    @property
+    def size(self):
+        return self.disk.size
+
+    def check(self):
+        self.disk.check()
+
+    def read(self, offset, length):
+        return self.disk.read(offset, length)
+
+    def write(self, offset, data):
+        with self.io_lock:
+            self.disk.write(offset, data)
+
+    def flush(self):
+        with self.io_lock:
+            self.disk.flush()
+
+
 class ActiveDisk:
     """The active leaf of a disk, read and written through a Qcow2Writer
-    whose backing view is the (immutable) chain beneath the leaf.
+    whose backing view is the (immutable) chain beneath the leaf.  Writes
+    go through an ActiveSlot, which holds the VM's io_lock."""
 
-    ``io_lock`` serialises writes with the VM's layer operations, which
-    must not see the leaf change under them.
-    """
-
-    def __init__(self, pool, refs, io_lock):
+    def __init__(self, pool, refs):
         self.refs = refs
-        self.io_lock = io_lock
         self.below = DiskView(pool, refs[:-1]) if len(refs) > 1 else None
         self.readonly_view = DiskView(pool, refs)
         self._writer = None
@@ -129,15 +155,13 @@ class ActiveDisk:
             raise ReadOnly(f"{self.refs[-1].path}: {self._refusal.reason}")
         if offset + len(data) > writer.size:
             raise NoSpace("write past the end of the disk")
-        with self.io_lock:
-            writer.write(offset, data)
+        writer.write(offset, data)
 
     def flush(self):
         with self._lock:
             writer = self._writer
         if writer is not None:
-            with self.io_lock:
-                writer.flush()
+            writer.flush()
 
     def retire(self):
         """Flush and let go: an operation replaced this leaf or its chain.
