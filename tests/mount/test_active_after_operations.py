@@ -7,12 +7,7 @@ import json
 import os
 import time
 
-from tests.support.mounting import mounted, snapfs
-
-
-def control(vm, command, text="\n"):
-    with open(vm / "control" / command, "w") as f:
-        f.write(text)
+from tests.support.mounting import control, mounted, snapfs
 
 
 def wait_idle(vm):

@@ -1,31 +1,11 @@
 """Acceptance 3: ext4 end to end through a read-write loop mount of the
 active view, with snapshots taken between changes."""
 
-import contextlib
 import os
-import subprocess
-from pathlib import Path
 
 from ext4chain import DEFAULT_VERSIONS, build_ext4_chain
 from tests.support.mounting import loop_mounted, mounted, read_tree, snapfs
 from tests.support.qemu import check, is_clean
-
-
-@contextlib.contextmanager
-def loop_mounted_rw(image, mountpoint):
-    """Mount an ext4 image read-write through a loop device; always detach."""
-    mountpoint = Path(mountpoint)
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
-                          capture_output=True, text=True).stdout.strip()
-    try:
-        subprocess.run(["mount", loop, str(mountpoint)], check=True, capture_output=True)
-        try:
-            yield mountpoint
-        finally:
-            subprocess.run(["umount", str(mountpoint)], check=True, capture_output=True)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=True, capture_output=True)
 
 
 def apply(root, changes):
@@ -52,7 +32,7 @@ def test_write_ext4_through_active_and_snapshot(tmp_path, store):
         vm = mnt / "web"
         part = vm / "active" / "sda-part1.raw"
         for i, changes in enumerate(rounds):
-            with loop_mounted_rw(part, tmp_path / f"rw{i}") as root:
+            with loop_mounted(part, tmp_path / f"rw{i}", readonly=False) as root:
                 apply(root, changes)
             apply_model(expected, changes)
             os.mkdir(vm / "snapshots" / f"round{i}")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support.mounting import mounted, snapfs
+from tests.support.mounting import control, mounted, snapfs
 from tests.support.qemu import qemu_img, qemu_io
 
 
@@ -18,12 +18,6 @@ def expect_errno(code, fn, *args):
     with pytest.raises(OSError) as e:
         fn(*args)
     assert e.value.errno == code, f"{fn.__name__}{args}: {os.strerror(e.value.errno)}"
-
-
-def control(vm, command, text="\n"):
-    """Like ``echo TEXT > control/COMMAND``: one write."""
-    with open(vm / "control" / command, "w") as f:
-        f.write(text)
 
 
 def status(vm):

@@ -49,17 +49,17 @@ def mounted(store, mountpoint, *options):
 
 
 @contextlib.contextmanager
-def loop_mounted(image, mountpoint, offset=None):
-    """``mount -o loop,ro`` an image file (a FUSE view); always unmount and
-    detach, even on failure."""
+def loop_mounted(image, mountpoint, offset=None, readonly=True):
+    """Mount an image file (a FUSE view) through a loop device, read-only
+    unless asked; always unmount and detach, even on failure."""
     mountpoint = Path(mountpoint)
     mountpoint.mkdir(parents=True, exist_ok=True)
-    loop = subprocess.run(["losetup", "-f", "--show", "-r"]
+    loop = subprocess.run(["losetup", "-f", "--show"] + (["-r"] if readonly else [])
                           + (["--offset", str(offset)] if offset else []) + [str(image)],
                           check=True, capture_output=True, text=True).stdout.strip()
     try:
-        subprocess.run(["mount", "-o", "ro", loop, str(mountpoint)], check=True,
-                       capture_output=True)
+        subprocess.run(["mount", "-o", "ro" if readonly else "rw", loop, str(mountpoint)],
+                       check=True, capture_output=True)
         try:
             yield mountpoint
         finally:
@@ -79,3 +79,9 @@ def read_tree(root):
         if path.is_file() and not path.is_symlink():
             tree[str(rel)] = path.read_bytes()
     return tree
+
+
+def control(vm, command, text="\n"):
+    """Like ``echo TEXT > VM/control/COMMAND``: one write."""
+    with open(vm / "control" / command, "w") as f:
+        f.write(text)
