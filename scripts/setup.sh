@@ -5,7 +5,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs fdisk gdisk util-linux)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs fdisk gdisk util-linux mount)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
