@@ -126,10 +126,6 @@ class Chain:
         self.aux = array("Q", (p[5] for p in pieces))
         self.skips = array("Q", (p[6] for p in pieces))
 
-    @property
-    def extent_count(self):
-        return len(self.starts)
-
     def extents(self):
         """(start, length, kind, volume path) for each extent, for tests and tools."""
         n = len(self.starts)

@@ -261,9 +261,6 @@ class SnapfsOperations(pyfuse3.Operations):
         if handle is not None and handle.wrote:
             await self._run(self.vfs.release, handle, limiter=self._writers)
 
-    async def access(self, inode, mode, ctx):
-        return True
-
 
 def _invalidate_pages(inode):
     try:

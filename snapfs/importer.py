@@ -24,8 +24,6 @@ from .qcow2.writer import create_image, set_backing
 from .sizes import looks_like_size, parse_size
 from .transfer import copy_file
 
-SNAPSHOT_NAME_TRIES = 1000
-
 
 @dataclass
 class DiskSource:

@@ -108,11 +108,6 @@ class Store:
         os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode(), 0)
         self._lock_fd = fd
 
-    def update_lock_holder(self, purpose):
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.pwrite(self._lock_fd, f"pid {os.getpid()}: {purpose}\n".encode(), 0)
-
     def release_lock(self):
         if self._lock_fd is not None:
             os.ftruncate(self._lock_fd, 0)
