@@ -492,17 +492,22 @@ def test_refcount_block_past_the_end_is_corrupt(tmp_path):
             w.write(0, b"x" * 10)
 
 
-def test_l2_entry_past_the_end_is_corrupt(tmp_path):
-    path = str(tmp_path / "l.qcow2")
-    _create(path, 1 * MiB, "cluster_size=4k")
-    qemu.qemu_io(path, "write -P 1 0 4k")
+def _set_first_l2_entry(path, entry):
+    """Overwrite guest cluster 0's L2 entry with ``entry(l1_table_offset)``."""
     with open(path, "r+b") as f:
         f.seek(40)
         l1 = struct.unpack(">Q", f.read(8))[0]
         f.seek(l1)
         l2 = struct.unpack(">Q", f.read(8))[0] & S.OFFSET_MASK
         f.seek(l2)
-        f.write(struct.pack(">Q", S.L2E_COPIED | (1 << 40)))
+        f.write(struct.pack(">Q", entry(l1)))
+
+
+def test_l2_entry_past_the_end_is_corrupt(tmp_path):
+    path = str(tmp_path / "l.qcow2")
+    _create(path, 1 * MiB, "cluster_size=4k")
+    qemu.qemu_io(path, "write -P 1 0 4k")
+    _set_first_l2_entry(path, lambda l1: S.L2E_COPIED | (1 << 40))
     with Qcow2Writer(path) as w:
         with pytest.raises(CorruptImage, match="past the end"):
             w.read(0, 10)
@@ -515,13 +520,7 @@ def test_data_cluster_on_metadata_is_corrupt(tmp_path):
     path = str(tmp_path / "m.qcow2")
     _create(path, 1 * MiB, "cluster_size=4k")
     qemu.qemu_io(path, "write -P 1 0 4k")
-    with open(path, "r+b") as f:
-        f.seek(40)
-        l1 = struct.unpack(">Q", f.read(8))[0]
-        f.seek(l1)
-        l2 = struct.unpack(">Q", f.read(8))[0] & S.OFFSET_MASK
-        f.seek(l2)
-        f.write(struct.pack(">Q", S.L2E_COPIED | l1))
+    _set_first_l2_entry(path, lambda l1: S.L2E_COPIED | l1)
     before = open(path, "rb").read()
     with Qcow2Writer(path) as w:
         with pytest.raises(CorruptImage, match="metadata"):
