@@ -135,8 +135,13 @@ class Chain:
             yield (self.starts[i], end - self.starts[i], kind,
                    self._vols[i].path if kind != ZERO else None)
 
-    def read(self, offset, length):
-        """Bytes ``[offset, offset+length)`` of the view, short at the end."""
+    def read(self, offset, length, wait=True):
+        """Bytes ``[offset, offset+length)`` of the view, short at the end.
+
+        With ``wait=False`` the read gives up (returns None) rather than
+        decompress a cluster that is not cached: the caller is the event
+        loop, which hands that slower work to a thread.
+        """
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
@@ -154,7 +159,12 @@ class Chain:
                 parts.append(self._pread(self._vols[i], n, self.hosts[i] + pos - start))
             elif kind == COMPRESSED:
                 vol = self._vols[i]
-                cluster = self.pool.clusters.get(vol, self.hosts[i], self.aux[i])
+                if wait:
+                    cluster = self.pool.clusters.get(vol, self.hosts[i], self.aux[i])
+                else:
+                    cluster = self.pool.clusters.peek(vol, self.hosts[i])
+                    if cluster is None:
+                        return None
                 skip = self.skips[i] + pos - start
                 parts.append(cluster[skip:skip + n])
             else:

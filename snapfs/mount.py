@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from .errors import InvalidArgument, SnapfsError, StoreError
@@ -18,6 +19,11 @@ log = logging.getLogger(__name__)
 
 UMOUNT_WAIT_SECONDS = 30
 FSNAME_PREFIX = "snapfs:"
+# The kernel's default readahead for a FUSE mount is 128 KiB, so buffered
+# reads reach the daemon as 128 KiB requests; with a larger window they
+# arrive as 1 MiB requests (libfuse's maximum), several in flight.
+# scripts/bench.py measured cold sequential reads 2.5x faster at 4 MiB.
+READ_AHEAD_KB = 4096
 
 
 def _check_mountpoint(mountpoint):
@@ -115,7 +121,12 @@ def _serve(store, mountpoint, allow_other, extra, ready):
         try:
             options = mount_options(store.path, allow_other, extra)
             log.info("mounting %s at %s", store.path, mountpoint)
-            serve(vfs, mountpoint, options, ready=ready)
+            def on_mounted():
+                _tune_readahead(mountpoint)
+                if ready is not None:
+                    ready()
+
+            serve(vfs, mountpoint, options, ready=on_mounted)
         except RuntimeError as e:
             raise StoreError(f"{mountpoint}: cannot mount: {e}") from None
         log.info("unmounted %s", mountpoint)
@@ -147,6 +158,21 @@ def find_mount(mountpoint):
         if point == target and fstype == "fuse.snapfs" and source.startswith(FSNAME_PREFIX):
             return source[len(FSNAME_PREFIX):]
     return None
+
+
+def _tune_readahead(mountpoint):
+    """Raise the mount's readahead window, from a thread: the kernel sets
+    the window when the daemon answers FUSE's INIT, so it can only be
+    raised after that, and stat() of the mount point returns only after
+    INIT.  Root only; a reader merely gets smaller requests without it."""
+    def tune():
+        try:
+            dev = os.stat(mountpoint).st_dev
+            with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+                f.write(f"{READ_AHEAD_KB}\n")
+        except OSError as e:
+            log.warning("cannot raise readahead for %s: %s", mountpoint, e)
+    threading.Thread(target=tune, name="readahead", daemon=True).start()
 
 
 def umount(mountpoint):

@@ -47,9 +47,13 @@ class DiskView:
                 raise self._error
             return self._chain
 
-    def read(self, offset, length):
+    def read(self, offset, length, wait=True):
+        """The bytes at ``offset``.  With ``wait=False``, None instead of
+        opening the chain or decompressing a cluster (see Chain.read)."""
+        if not wait and self._chain is None:
+            return None
         try:
-            return self.chain().read(offset, length)
+            return self.chain().read(offset, length, wait)
         except ImageError:
             raise
         except OSError as e:
@@ -62,10 +66,15 @@ class PartitionView:
     def __init__(self, disk, start, length):
         self.disk, self.start, self.size = disk, start, length
 
-    def read(self, offset, length):
+    def read(self, offset, length, wait=True):
         if offset >= self.size:
             return b""
-        return self.disk.read(self.start + offset, min(length, self.size - offset))
+        length = min(length, self.size - offset)
+        if wait:
+            return self.disk.read(self.start + offset, length)
+        if not isinstance(self.disk, DiskView):
+            return None     # the active disk reads under its writer's lock
+        return self.disk.read(self.start + offset, length, wait=False)
 
     def write(self, offset, data):
         if offset + len(data) > self.size:

@@ -88,6 +88,15 @@ class ClusterCache:
         self._items = OrderedDict()
         self._lock = threading.Lock()
 
+    def peek(self, volume, host):
+        """The cached cluster, or None; never reads."""
+        key = (volume.token, host)
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
     def get(self, volume, host, nbytes):
         # Keyed by the open volume, not its path: a merge may rewrite a file
         # under the same name.
