@@ -1,0 +1,1 @@
+"""Pieces of scripts/bench.py: one module per group of measures."""
