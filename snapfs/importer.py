@@ -20,7 +20,7 @@ from . import manifest as M
 from .discover import discover_chain
 from .errors import AlreadyExists, InvalidArgument, SnapfsError
 from .names import check_disk_name, check_name, check_snapshot_name
-from .qcow2.writer import create_image, set_backing
+from .qcow2.create import create_image, set_backing
 from .sizes import looks_like_size, parse_size
 from .transfer import copy_file
 

@@ -28,7 +28,7 @@ from .inuse import held_by_qemu
 from .manifest import Snapshot, fsync_dir
 from .merge import check_space, execute_merge, plan_merge
 from .names import check_snapshot_name
-from .qcow2.writer import create_image, set_backing
+from .qcow2.create import create_image, set_backing
 from .volume import VolumePool, open_volume
 
 log = logging.getLogger(__name__)

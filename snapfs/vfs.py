@@ -113,6 +113,7 @@ class Vfs:
         self._nodes = {}
         self._next_inode = ROOT_INODE
         self._lock = threading.RLock()
+        self._background = []       # threads finishing operations after their request
         self.mount_time_ns = time.time_ns()
         self._add("", ROOT_INODE, DIR_MODE, self.mount_time_ns, timeout=MUTABLE_TIMEOUT,
                   lister=self._list_root)
@@ -195,6 +196,17 @@ class Vfs:
         return None
 
     # -- writes ---------------------------------------------------------------
+
+    def write_nowait(self, handle, offset, data):
+        """``write`` to an active view if no operation holds its VM, else
+        None (control commands always return None: they run in threads)."""
+        node = handle.node
+        if node.control or not (isinstance(node.view, ActiveSlot) or _is_active_part(node)):
+            return None
+        if not node.view.write(offset, data, wait=False):
+            return None
+        handle.wrote = True
+        return len(data)
 
     def write(self, handle, offset, data):
         """Write to the active view, or run one control command.  Returns
@@ -352,6 +364,7 @@ class Vfs:
             if then is not None:
                 thread = threading.Thread(target=self._continue, args=(vm, op, ops, then, result),
                                           name=f"snapfs-{op}-{vm.name}", daemon=True)
+                self._background.append(thread)
                 thread.start()
                 background = True
             return result
@@ -397,6 +410,12 @@ class Vfs:
         return (json.dumps(doc, indent=2) + "\n").encode()
 
     def close(self):
+        # A merge continuing after rmdir finishes before the store is let
+        # go: killing it would only leave the next mount to redo it.
+        for thread in self._background:
+            if thread.is_alive():
+                log.info("waiting for %s to finish", thread.name)
+            thread.join()
         for vm in self._vms():
             for disk in vm.active.values():
                 try:

@@ -76,10 +76,10 @@ class PartitionView:
             return None     # the active disk reads under its writer's lock
         return self.disk.read(self.start + offset, length, wait=False)
 
-    def write(self, offset, data):
+    def write(self, offset, data, wait=True):
         if offset + len(data) > self.size:
             raise NoSpace("write past the end of the partition")
-        self.disk.write(self.start + offset, data)
+        return self.disk.write(self.start + offset, data, wait)
 
     def flush(self):
         self.disk.flush()
@@ -106,9 +106,16 @@ class ActiveSlot:
     def read(self, offset, length):
         return self.disk.read(offset, length)
 
-    def write(self, offset, data):
-        with self.io_lock:
+    def write(self, offset, data, wait=True):
+        """Write; with ``wait=False`` give up (False) rather than wait for
+        the io_lock, which an operation may hold for minutes."""
+        if not self.io_lock.acquire(blocking=wait):
+            return False
+        try:
             self.disk.write(offset, data)
+        finally:
+            self.io_lock.release()
+        return True
 
     def flush(self):
         with self.io_lock:
@@ -138,7 +145,10 @@ class ActiveDisk:
             if self._writer is None and self._refusal is None:
                 leaf = self.refs[-1]
                 try:
-                    self._writer = Qcow2Writer(leaf.path, below=self.below.read if self.below else None)
+                    # Write-back: table updates wait for fsync/close, as in a
+                    # disk's cache (see qcow2/writer.py).
+                    self._writer = Qcow2Writer(leaf.path, below=self.below.read if self.below else None,
+                                               write_back=True)
                 except SnapfsError as e:
                     # Still readable through the read-only chain.
                     self._refusal = e

@@ -167,8 +167,8 @@ def scenarios(draw):
     return spec, draw(write_ops(size, cluster))
 
 
-@given(scenario=scenarios())
-def test_random_writes_match_qemu(tmp_path_factory, scenario):
+@given(scenario=scenarios(), write_back=st.booleans())
+def test_random_writes_match_qemu(tmp_path_factory, scenario, write_back):
     spec, ops = scenario
     built = build_chain(spec, tmp_path_factory.mktemp("w"))
     top = built.top
@@ -176,11 +176,12 @@ def test_random_writes_match_qemu(tmp_path_factory, scenario):
     if len(built.layers) > 1:
         below = _below_of(qemu.to_raw(built.layers[-2], fmt=built.formats[-2]))
     model = bytearray(qemu.to_raw(top))
-    with Qcow2Writer(top, below) as w:
+    with Qcow2Writer(top, below, write_back=write_back) as w:
         assert w.read(0, w.size) == model
         for op in ops:
             _apply(w, model, op)
         assert w.read(0, w.size) == model
+        w.flush()   # write-back mode: the tables reach the file here
         assert_same_map(w, top)
     _assert_clean(top)
     assert qemu.to_raw(top) == model
@@ -259,10 +260,12 @@ def test_every_refcount_width(tmp_path, bits):
 # --------------------------------------------------------------------------
 # 3. crash safety
 
-def _run_child(path, below_view, ops, kill_at):
-    """Apply ops in a child process that SIGKILLs itself at step ``kill_at``.
+def _run_child(path, below_view, ops, kill_at, write_back=False, flush_every=1):
+    """Apply ops in a child process that SIGKILLs itself at step ``kill_at``,
+    flushing after every ``flush_every`` ops.
 
-    Returns (index of the op running at the kill or None, step names seen).
+    Returns (index of the op running at the kill or None, step names seen,
+    ops started, ops completed as of the last completed flush).
     """
     r, wfd = os.pipe()
     pid = os.fork()
@@ -280,11 +283,13 @@ def _run_child(path, below_view, ops, kill_at):
                     os.kill(os.getpid(), signal.SIGKILL)
 
             below = _below_of(below_view) if below_view is not None else None
-            with Qcow2Writer(path, below, on_step) as w:
+            with Qcow2Writer(path, below, on_step, write_back=write_back) as w:
                 for i, op in enumerate(ops):
                     os.write(wfd, f"start {i}\n".encode())
                     _apply(w, None, op)   # the parent keeps the models
-                    w.flush()
+                    if (i + 1) % flush_every == 0 or i + 1 == len(ops):
+                        w.flush()
+                        os.write(wfd, f"flushed {i + 1}\n".encode())
                     os.write(wfd, f"done {i}\n".encode())
             code = 0
         except BaseException:
@@ -302,19 +307,21 @@ def _run_child(path, below_view, ops, kill_at):
     _, status = os.waitpid(pid, 0)
     lines = b"".join(chunks).decode().splitlines()
     steps = [line.split()[1] for line in lines if line.startswith("step ")]
-    running = None
+    running, started, flushed = None, 0, 0
     for line in lines:
         word, arg = line.split()
         if word == "start":
-            running = int(arg)
+            running, started = int(arg), int(arg) + 1
         elif word == "done":
             running = None
+        elif word == "flushed":
+            flushed = int(arg)
     if os.WIFSIGNALED(status):
         assert os.WTERMSIG(status) == signal.SIGKILL
     else:
         assert os.WEXITSTATUS(status) == 0, "the child failed"
         assert running is None
-    return running, steps
+    return running, steps, started, flushed
 
 
 def _models(initial, ops):
@@ -397,7 +404,7 @@ def test_crash_at_every_step(tmp_path, name, seed):
     cluster = qemu.info(path)["cluster-size"]
     models = _models(qemu.to_raw(path), ops)
 
-    running, steps = _run_child(path, below_view, ops, kill_at=0)
+    running, steps, _, _ = _run_child(path, below_view, ops, kill_at=0)
     assert running is None
     _assert_clean(path)
     assert qemu.to_raw(path) == models[-1]
@@ -406,7 +413,7 @@ def test_crash_at_every_step(tmp_path, name, seed):
 
     for kill_at in range(1, len(steps) + 1):
         shutil.copyfile(pristine, path)
-        running, seen = _run_child(path, below_view, ops, kill_at)
+        running, seen, _, _ = _run_child(path, below_view, ops, kill_at)
         assert len(seen) == kill_at and running is not None
         report = qemu.check(path)
         assert report["returncode"] in (0, 3), (kill_at, seen[-1], report)
@@ -427,6 +434,39 @@ def test_crash_at_every_step(tmp_path, name, seed):
         report = qemu.check(path)
         assert report["returncode"] in (0, 3), (kill_at, seen[-1], report)
         assert qemu.to_raw(path) == model
+
+
+@pytest.mark.parametrize("name,seed", [("tiny-clusters", 0), ("extended-l2", 1), ("v2", 0)])
+def test_write_back_crash_at_every_step(tmp_path, name, seed):
+    """Write-back mode, flushed after every third write: SIGKILL at every
+    ordering point leaves no corruption, and every cluster as it was at
+    some moment between the last completed flush and the kill."""
+    path, below_view, ops = _setup_crash_image(tmp_path, name, seed)
+    pristine = str(tmp_path / "pristine.qcow2")
+    shutil.copyfile(path, pristine)
+    size = qemu.info(path)["virtual-size"]
+    cluster = qemu.info(path)["cluster-size"]
+    models = _models(qemu.to_raw(path), ops)
+
+    _, steps, _, _ = _run_child(path, below_view, ops, 0, write_back=True, flush_every=3)
+    _assert_clean(path)
+    assert qemu.to_raw(path) == models[-1]
+    assert {"refcounts", "data", "l2", "free"} <= set(steps)
+
+    for kill_at in range(1, len(steps) + 1):
+        shutil.copyfile(pristine, path)
+        _, seen, started, flushed = _run_child(path, below_view, ops, kill_at,
+                                               write_back=True, flush_every=3)
+        assert len(seen) == kill_at
+        report = qemu.check(path)
+        assert report["returncode"] in (0, 3), (kill_at, seen[-1], report)
+        assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0
+        view = qemu.to_raw(path)
+        states = models[flushed:started + 1]
+        for start in range(0, size, cluster):
+            got = view[start:start + cluster]
+            assert any(got == m[start:start + cluster] for m in states), \
+                (kill_at, seen[-1], flushed, started, start)
 
 
 # --------------------------------------------------------------------------
