@@ -14,7 +14,7 @@ import os
 from array import array
 from dataclasses import dataclass
 
-from .errors import CorruptImage, ImageError
+from .errors import ImageError
 from .qcow2.mapping import COMPRESSED, DATA, ZERO
 
 MAX_CHAIN_DEPTH = 64

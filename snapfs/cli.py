@@ -7,7 +7,6 @@ Every error is one line on stderr and a non-zero exit, never a traceback
 import argparse
 import json
 import logging
-import os
 import sys
 
 from . import __version__

@@ -8,7 +8,6 @@ child holds the store's writer lock for as long as the mount lives.
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 
