@@ -437,15 +437,21 @@ class Qcow2Writer:
         plans = {}            # l1 index -> _TablePlan
         inplace = []          # (host offset, [buffer])
         drops = Counter()     # cluster index -> references to drop afterwards
+        last_l1i = None
         for g in range(offset >> cb, ((end - 1) >> cb) + 1):
             c0 = g << cb
             lo, hi = max(offset, c0) - c0, min(end, c0 + cs) - c0
             limit = min(cs, self.size - c0)
             whole = lo == 0 and hi >= limit
             l1i, l2i = divmod(g, l2n)
-            l2off, table, copied = self._table(l1i)
+            if l1i != last_l1i:     # nothing changes the tables while planning
+                l2off, table, copied = self._table(l1i)
+                last_l1i = l1i
             entry, bitmap = self._entry(table, l2i)
-            kind, host, aux = self._classify(entry, bitmap, c0)
+            if entry or ext:
+                kind, host, aux = self._classify(entry, bitmap, c0)
+            else:
+                kind, host, aux = _BELOW, 0, 0     # unallocated: the common case
             if host and kind != _COMP and (refs.is_metadata(host) or host in self._l2):
                 # A hostile image must not get its tables overwritten or freed.
                 raise CorruptImage(self.path, f"guest cluster {c0:#x} maps to metadata at {host:#x}")
