@@ -18,6 +18,10 @@ from .errors import ImageError
 from .qcow2.mapping import COMPRESSED, DATA, ZERO
 
 MAX_CHAIN_DEPTH = 64
+# Clusters a read in the event loop may decompress itself (see Chain.read):
+# a small random read then needs no thread hop, which costs about as much
+# as decompressing one 64 KiB cluster.
+INLINE_DECOMPRESS = 1
 
 _ZEROS = bytes(1 << 20)
 
@@ -138,15 +142,17 @@ class Chain:
     def read(self, offset, length, wait=True):
         """Bytes ``[offset, offset+length)`` of the view, short at the end.
 
-        With ``wait=False`` the read gives up (returns None) rather than
-        decompress a cluster that is not cached: the caller is the event
-        loop, which hands that slower work to a thread.
+        With ``wait=False`` the caller is the event loop: the read
+        decompresses at most INLINE_DECOMPRESS clusters that are not cached
+        and gives up (returns None) when it would need more, so that big
+        requests decompress in worker threads, on several cores at once.
         """
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
         starts = self.starts
         count = len(starts)
+        budget = INLINE_DECOMPRESS
         i = bisect.bisect_right(starts, offset) - 1
         parts = []
         pos = offset
@@ -164,7 +170,10 @@ class Chain:
                 else:
                     cluster = self.pool.clusters.peek(vol, self.hosts[i])
                     if cluster is None:
-                        return None
+                        if not budget:
+                            return None
+                        budget -= 1
+                        cluster = self.pool.clusters.get(vol, self.hosts[i], self.aux[i])
                 skip = self.skips[i] + pos - start
                 parts.append(cluster[skip:skip + n])
             else:

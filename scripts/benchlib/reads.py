@@ -1,7 +1,8 @@
 """Rows 1-3: reading snapshot views, against QEMU's FUSE export.
 
-Input: a chain of 4 qcow2 layers (64 KiB clusters, compressed base, half of
-the disk data), 2 GiB virtual (256 MiB with --quick).  The snapfs side
+Input: a chain of 4 qcow2 layers (64 KiB clusters; a compressed base whose
+first half holds data, compressed about 2:1; the upper layers write 24
+fixed-seed ranges each), 2 GiB virtual (256 MiB with --quick).  The snapfs side
 reads snapshot ``layer2`` of the imported chain; qemu-storage-daemon
 exports ``layer2.qcow2`` read-only over FUSE, as shipped (its readahead is
 the kernel's default).  The page-cache ceiling is a flat raw copy of the
@@ -30,11 +31,11 @@ def build_chain(work, size):
     raw = work / "base.raw"
     with open(raw, "wb") as f:
         f.truncate(size)
-        # Half the disk holds data, half of it compressible, like an OS disk.
-        chunk = rng.randbytes(64 * 1024) + bytes(64 * 1024)
-        for off in range(0, size // 2, len(chunk)):
+        # Half the disk holds data that compresses about 2:1 (each 64 KiB
+        # cluster half random, half zeros); the other half is empty.
+        for off in range(0, size // 2, 4 * MiB):
             f.seek(off)
-            f.write(chunk)
+            f.write(b"".join(rng.randbytes(32 * 1024) + bytes(32 * 1024) for _ in range(64)))
     run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=65536", raw,
         work / "layer0.qcow2")
     raw.unlink()
