@@ -139,13 +139,14 @@ class SnapfsOperations(pyfuse3.Operations):
 
     # -- metadata -------------------------------------------------------
 
+    # One worker call per request: a thread hop costs more than the work.
+
     async def lookup(self, parent_inode, name, ctx=None):
-        node = await self._run(self.vfs.lookup, parent_inode, os.fsdecode(name))
-        return await self._run(self._attrs, node)
+        return await self._run(lambda: self._attrs(self.vfs.lookup(parent_inode,
+                                                                   os.fsdecode(name))))
 
     async def getattr(self, inode, ctx=None):
-        node = await self._run(self.vfs.node, inode)
-        return await self._run(self._attrs, node)
+        return await self._run(lambda: self._attrs(self.vfs.node(inode)))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         touch = fields.update_atime or fields.update_mtime
@@ -164,11 +165,11 @@ class SnapfsOperations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh, start_id, token):
-        entries = await self._run(self.vfs.listdir, fh)
-        for index in range(start_id, len(entries)):
-            name, node = entries[index]
-            attrs = await self._run(self._attrs, node)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+        def listing():
+            entries = self.vfs.listdir(fh)[start_id:]
+            return [(os.fsencode(name), self._attrs(node)) for name, node in entries]
+        for index, (name, attrs) in enumerate(await self._run(listing), start_id):
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
 
     async def releasedir(self, fh):

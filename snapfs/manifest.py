@@ -166,9 +166,17 @@ def _check_disk_map(mapping, disks, volumes):
 def load(path):
     try:
         with open(path, "rb") as f:
-            data = json.load(f)
+            return load_file(f, path)
     except FileNotFoundError:
         raise StoreError(f"{path}: manifest is missing") from None
+    except OSError as e:
+        raise StoreError(f"{path}: unreadable manifest: {e}") from None
+
+
+def load_file(f, path):
+    """The manifest in the open binary file ``f`` (named ``path``)."""
+    try:
+        data = json.load(f)
     except (OSError, ValueError) as e:
         raise StoreError(f"{path}: unreadable manifest: {e}") from None
     if not isinstance(data, dict):

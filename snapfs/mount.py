@@ -7,6 +7,7 @@ child holds the store's writer lock for as long as the mount lives.
 
 import logging
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -108,6 +109,7 @@ def _serve(store, mountpoint, allow_other, extra, ready):
     from .fuse import mount_options, serve
     from .vfs import Vfs
     from .operations import recover
+    _raise_open_file_limit()
     store.acquire_lock(f"mounted at {mountpoint}")
     try:
         for line in recover(store):
@@ -157,6 +159,22 @@ def find_mount(mountpoint):
         if point == target and fstype == "fuse.snapfs" and source.startswith(FSNAME_PREFIX):
             return source[len(FSNAME_PREFIX):]
     return None
+
+
+def _raise_open_file_limit():
+    """The daemon keeps one descriptor per volume it has read: a store of
+    200 VMs x 20 snapshots needs over 4,000, more than the usual soft limit
+    of 1,024.  Raise it to the hard limit; say so if that is still low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, e)
+    if soft != resource.RLIM_INFINITY and soft < 8192:
+        log.warning("open-file limit is %d: a store with more volumes than that cannot be "
+                    "read whole (raise it with ulimit -n)", soft)
 
 
 def _tune_readahead(mountpoint):

@@ -334,13 +334,17 @@ def recover_vm(store, m, save=None):
 
 
 def recover(store):
-    """Recover every VM of the store.  Returns lines saying what was done."""
+    """Recover every VM of the store.  Returns lines saying what was done.
+
+    The manifests with nothing to recover stay with the store for one
+    ``take_loaded`` each: a mount lists them next (Store.load_vms)."""
     done = []
-    for name in store.vm_names():
-        try:
-            m = store.load_vm(name)
-        except Exception:          # reported by check; nothing to recover
+    for name, m in store.load_vms(keep=True):
+        if isinstance(m, Exception):   # reported by check; nothing to recover
             continue
+        if m.operation is None:
+            continue
+        store.forget_loaded(name)      # recover_vm changes it
         line = recover_vm(store, m)
         if line:
             log.warning("%s", line)

@@ -35,6 +35,7 @@ class Store:
         self.path = os.path.abspath(path)
         self.vms_dir = os.path.join(self.path, VMS)
         self._lock_fd = None
+        self._kept = {}     # name -> (Manifest, file identity): see load_vms
 
     # -- creation and opening ----------------------------------------------
 
@@ -136,17 +137,70 @@ class Store:
         return os.path.join(self.vms_dir, check_name(name, "VM name"))
 
     def vm_names(self):
-        return sorted(n for n in os.listdir(self.vms_dir)
-                      if not n.startswith(".") and os.path.isdir(os.path.join(self.vms_dir, n)))
+        # scandir: the entry types come with the listing, no stat per VM.
+        with os.scandir(self.vms_dir) as entries:
+            return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
 
     def has_vm(self, name):
         return os.path.exists(os.path.join(self.vm_dir(name), M.MANIFEST))
 
     def load_vm(self, name):
+        return self._load_vm(name)[0]
+
+    def _load_vm(self, name):
+        """(manifest, identity of the file it was read from)."""
         path = os.path.join(self.vm_dir(name), M.MANIFEST)
-        if not os.path.exists(path):
-            raise NotFound(f"no VM named {name!r} in {self.path}")
-        return M.load(path)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"no VM named {name!r} in {self.path}") from None
+        except OSError as e:
+            raise StoreError(f"{path}: unreadable manifest: {e}") from None
+        with f:
+            st = os.fstat(f.fileno())
+            return M.load_file(f, path), _identity(st)
+
+    def load_vms(self, keep=False):
+        """[(name, Manifest or the exception loading it raised)] of every
+        VM, in name order.
+
+        With ``keep``, each manifest read is also held for the next call
+        (or one ``take_loaded``), which returns it if its file was not
+        replaced meanwhile: a mount parses each manifest once, not once to
+        recover and again to list the VMs."""
+        names = self.vm_names()
+        results = {}
+        for name in names:
+            manifest = self.take_loaded(name)
+            if manifest is not None:
+                results[name] = (manifest, None)
+                continue
+            try:
+                results[name] = self._load_vm(name)
+            except Exception as e:     # the caller decides
+                results[name] = (e, None)
+        self._kept = {n: r for n, r in results.items() if r[1] is not None} if keep else {}
+        return [(n, results[n][0]) for n in names]
+
+    def take_loaded(self, name):
+        """The manifest of VM ``name`` kept by ``load_vms(keep=True)``, once,
+        if its file is still the one it was read from; else None.  The caller
+        owns it (nothing else holds it)."""
+        manifest, identity = self._kept.pop(name, (None, None))
+        if manifest is None:
+            return None
+        try:
+            st = os.stat(os.path.join(self.vm_dir(name), M.MANIFEST))
+        except OSError:
+            return None
+        return manifest if _identity(st) == identity else None
+
+    def forget_loaded(self, name=None):
+        """Drop what ``load_vms(keep=True)`` kept (of one VM, or all)."""
+        if name is None:
+            self._kept.clear()
+        else:
+            self._kept.pop(name, None)
 
     def save_vm(self, manifest):
         M.save(manifest, os.path.join(self.vm_dir(manifest.name), M.MANIFEST))
@@ -171,3 +225,8 @@ class Store:
         """VolumeRefs from the base up to ``volume_id``."""
         return [VolumeRef(self.volume_path(manifest.name, vid), manifest.volumes[vid]["format"])
                 for vid in manifest.chain(volume_id)]
+
+
+def _identity(st):
+    """What changes whenever a manifest is replaced (rename of a new file)."""
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size

@@ -20,6 +20,7 @@ the kernel to drop its cached entries (the adapter queues that outside the
 request handler).
 """
 
+import bisect
 import copy
 import json
 import logging
@@ -27,6 +28,7 @@ import os
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -35,6 +37,7 @@ from .errors import (
 )
 from .operations import VmOperations
 from .partitions import find_partitions
+from .chain import VolumeRef
 from .views import ActiveDisk, ActiveSlot, DiskView, PartitionView
 from .volume import VolumePool
 
@@ -55,9 +58,11 @@ STATUS_MODE = stat.S_IFREG | 0o440
 LINK_MODE = stat.S_IFLNK | 0o777
 
 CONTROL_COMMANDS = ("create", "delete", "preview", "commit", "undo")
+# Threads that open a chain's volumes side by side (see _open_ahead).
+OPEN_AHEAD_THREADS = 8
 
 
-@dataclass
+@dataclass(slots=True)     # a mount of many VMs holds ~100 nodes per VM
 class Node:
     inode: int
     name: str
@@ -71,7 +76,7 @@ class Node:
     view: object = None                   # DiskView, PartitionView, ActiveSlot or bytes
     target: str | None = None             # symlink target
     control: str | None = None            # control file command, or "status"
-    render: object = None                 # () -> bytes, made at open (snapshot.json)
+    render: object = None                 # snapshot.json: () -> bytes, made at open; .size()
     vm: object = None                     # VmState of the VM this node belongs to
     key: object = None                    # what it shows, to keep it across refreshes
     size: int = 0
@@ -102,10 +107,18 @@ class VmState:
     last_error: dict | None = None
     stale_pages: bool = False        # the active leaves changed under the page cache
     active: dict = field(default_factory=dict)    # disk -> ActiveSlot
+    # volume id -> VolumeRef, shared by every chain of the VM (a VM of 20
+    # snapshots has ~200 chain entries; a volume's path and format never change)
+    refs: dict = field(default_factory=dict)
+    # top volume path -> (disk size, ranges read, partitions) of a snapshot
+    # view's partition table (see _view_partitions); dropped when the
+    # manifest changes, as a merge rewrites volumes
+    partitions: dict = field(default_factory=dict)
 
 
 class Vfs:
     def __init__(self, store, pool=None, notify=None, notify_inode=None):
+        _one_malloc_arena()
         self.store = store
         self.pool = pool or VolumePool()
         self.notify = notify or (lambda parent, name: None)
@@ -114,6 +127,8 @@ class Vfs:
         self._next_inode = ROOT_INODE
         self._lock = threading.RLock()
         self._background = []       # threads finishing operations after their request
+        self._opener = None         # ThreadPoolExecutor of _open_ahead, made on first use
+        self._opened = set()        # volume paths _open_ahead has seen open
         self.mount_time_ns = time.time_ns()
         self._add("", ROOT_INODE, DIR_MODE, self.mount_time_ns, timeout=MUTABLE_TIMEOUT,
                   lister=self._list_root)
@@ -144,7 +159,7 @@ class Vfs:
         if node.control == "status":
             return len(self._status(node.vm))
         if node.render is not None:
-            return len(node.render())
+            return node.render.size()
         return node.size
 
     def readlink(self, inode):
@@ -422,6 +437,8 @@ class Vfs:
                     disk.flush()
                 except (SnapfsError, OSError) as e:
                     log.error("flushing %s failed: %s", vm.name, e)
+        if self._opener is not None:
+            self._opener.shutdown()
         self.pool.close()
 
     def _vms(self):
@@ -458,12 +475,12 @@ class Vfs:
 
     def _list_root(self):
         specs = []
-        for name in self.store.vm_names():
-            try:
-                manifest = self.store.load_vm(name)
-            except (SnapfsError, OSError) as e:
-                log.error("VM %s is not shown: %s", name, e)
+        for name, manifest in self.store.load_vms():
+            if isinstance(manifest, (SnapfsError, OSError)):
+                log.error("VM %s is not shown: %s", name, manifest)
                 continue
+            if isinstance(manifest, BaseException):
+                raise manifest
             vm = VmState(name, manifest)
             specs.append(dict(name=name, mode=DIR_MODE, mtime_ns=self._time(manifest.created),
                               timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda vm=vm: self._list_vm(vm)))
@@ -528,6 +545,7 @@ class Vfs:
         specs = []
         for disk in m.disks:
             slot = vm.active[disk]
+            self._open_ahead(slot.disk.refs[:-1])     # the leaf is read by its writer
             specs.append(dict(name=f"{disk}.raw", mode=ACTIVE_MODE, mtime_ns=self.mount_time_ns,
                               view=slot, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT))
             for part in self._partitions(slot):
@@ -539,42 +557,99 @@ class Vfs:
 
     def _active_disk(self, vm, disk):
         m = vm.manifest
-        return ActiveDisk(self.pool, self.store.chain_refs(m, m.active[disk]))
+        return ActiveDisk(self.pool, self._chain_refs(vm, m.active[disk]))
+
+    def _chain_refs(self, vm, volume_id):
+        """Store.chain_refs, with the VolumeRefs shared across the VM's chains."""
+        m, refs = vm.manifest, vm.refs
+        chain = []
+        for vid in m.chain(volume_id):
+            ref = refs.get(vid)
+            if ref is None:
+                ref = refs[vid] = VolumeRef(self.store.volume_path(vm.name, vid),
+                                            m.volumes[vid]["format"])
+            chain.append(ref)
+        return chain
 
     def _list_disks(self, vm, volumes, snapshot):
         m = vm.manifest
         mtime = self._time(snapshot.created) if snapshot else self.mount_time_ns
-        specs, info = [], {}
+        specs, views = [], {}
         for disk in m.disks:
-            refs = self.store.chain_refs(m, volumes[disk])
-            view = DiskView(self.pool, refs)
+            view = DiskView(self.pool, self._chain_refs(vm, volumes[disk]))
             specs.append(dict(name=f"{disk}.raw", mode=VIEW_MODE, mtime_ns=mtime, view=view, vm=vm))
-            info[disk] = {"volume": volumes[disk], "chain": [os.path.basename(r.path) for r in refs],
-                          "size": view.size}
-            for part in self._partitions(view):
+            views[disk] = (volumes[disk], view)
+            for part in self._view_partitions(vm, view):
                 specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=VIEW_MODE,
                                   mtime_ns=mtime, vm=vm,
                                   view=PartitionView(view, part.start, part.length)))
         if snapshot is not None:
             specs.append(dict(name="snapshot.json", mode=VIEW_MODE, mtime_ns=mtime, vm=vm,
                               immutable=False, timeout=MUTABLE_TIMEOUT,
-                              render=lambda: self._snapshot_json(vm, snapshot.id, info)))
+                              render=_SnapshotJson(vm, snapshot.id, views)))
         return specs
 
-    def _snapshot_json(self, vm, snapshot_id, volumes):
-        """The snapshot's record as it is now (its name can change)."""
-        snap = next((s for s in vm.manifest.snapshots if s.id == snapshot_id), None)
-        if snap is None:
-            raise NotFound("the snapshot was deleted")
-        doc = snap.to_json()
-        doc["volumes"] = volumes
-        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    def _open_ahead(self, refs):
+        """Open the volumes of a chain, and read their maps, side by side
+        before the chain does it one by one: from a cold cache each volume
+        costs a few small reads, and their latencies add up (a VM's active
+        disk, the first thing ``find`` lists in it, has the whole chain
+        below it).  Errors are left for the chain to meet and report."""
+        todo = [r for r in refs if r.path not in self._opened]
+        if len(todo) < 2:
+            return
+        if self._opener is None:
+            self._opener = ThreadPoolExecutor(OPEN_AHEAD_THREADS, thread_name_prefix="snapfs-open")
+
+        def load(ref):
+            try:
+                self.pool.runs(self.pool.get(ref.path, ref.format))
+            except Exception:
+                return
+            self._opened.add(ref.path)
+
+        for _ in self._opener.map(load, todo):
+            pass
 
     def _partitions(self, view):
         try:
             return find_partitions(view.read, view.size)
         except SnapfsError:
             return []    # already logged by the view
+
+    def _view_partitions(self, vm, view):
+        """The partitions of a read-only view (a snapshot, before-preview).
+
+        A snapshot usually has its parent's partition table: if the chain
+        minus its top volume was read before, the disk has the same size,
+        and the top volume maps none of the ranges that reading it took,
+        those ranges read the same bytes here, so the table is the same;
+        neither the chain nor its extent map is needed.  Listing a VM's
+        snapshots oldest first (as ``find`` and ``ls -R`` do) then opens one
+        new volume per snapshot and merges no chain."""
+        refs, size = view.refs, view.size
+        known = vm.partitions.get(refs[-2].path) if len(refs) > 1 else None
+        if known is not None and known[0] == size:
+            try:
+                runs = self.pool.runs(self.pool.get(refs[-1].path, refs[-1].format))
+            except (SnapfsError, OSError):
+                runs = None    # met again, and reported, below
+            if runs is not None and not _maps_any(runs, known[1]):
+                vm.partitions[refs[-1].path] = known
+                return known[2]
+        self._open_ahead(refs)
+        ranges = []
+
+        def read(offset, length):
+            ranges.append((offset, length))
+            return view.read(offset, length)
+
+        try:
+            parts = find_partitions(read, size)
+        except SnapfsError:
+            return []    # already logged by the view
+        vm.partitions[refs[-1].path] = (size, tuple(ranges), parts)
+        return parts
 
     # -- keeping the tree in step with the manifest ----------------------------
 
@@ -589,8 +664,12 @@ class Vfs:
             return
         with self._lock:
             vm.manifest = manifest
+            vm.refs = {v: r for v, r in vm.refs.items() if v in manifest.volumes}
+            vm.partitions = {}
             # Volumes changed on disk (merged, relinked, deleted): open them anew.
             self.pool.forget(self.store.vm_dir(vm.name))
+            prefix = os.path.join(self.store.vm_dir(vm.name), "")
+            self._opened = {p for p in self._opened if not p.startswith(prefix)}
             vm_node = self._nodes[vm.inode]
             if vm_node.children is None:
                 return
@@ -663,6 +742,89 @@ class Vfs:
             return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1e9)
         except (ValueError, AttributeError):
             return self.mount_time_ns
+
+
+class _SnapshotJson:
+    """``render`` of snapshot.json: the snapshot's record as it is now (its
+    name can change), with its volumes.  Its size is kept until the VM's
+    manifest changes: every stat of the file asks for it."""
+
+    __slots__ = ("vm", "snapshot_id", "views", "_size")
+
+    def __init__(self, vm, snapshot_id, views):
+        self.vm, self.snapshot_id, self.views = vm, snapshot_id, views
+        self._size = (None, 0)     # (the manifest it was measured on, bytes)
+
+    def __call__(self):
+        manifest = self.vm.manifest
+        data = self._make(manifest)
+        self._size = (manifest, len(data))
+        return data
+
+    def size(self):
+        manifest, size = self._size
+        return size if manifest is self.vm.manifest else len(self())
+
+    def _make(self, manifest):
+        snap = next((s for s in manifest.snapshots if s.id == self.snapshot_id), None)
+        if snap is None:
+            raise NotFound("the snapshot was deleted")
+        doc = snap.to_json()
+        doc["volumes"] = {
+            disk: {"volume": vid, "chain": [os.path.basename(r.path) for r in view.refs],
+                   "size": view.size}
+            for disk, (vid, view) in self.views.items()}
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+_M_ARENA_MAX = -8      # glibc <malloc.h>
+
+
+def _one_malloc_arena():
+    """Have glibc's malloc keep one arena for the whole process.
+
+    By default each thread may get an arena of its own (up to 8 per core),
+    and memory freed into an arena serves only the threads using it.  The
+    worker threads that read views allocate 64 KiB decompressed clusters
+    (the 64 MiB ClusterCache) and 1 MiB read buffers and free them on other
+    threads, so that memory scatters over the arenas: reading every view of
+    a deep chain with compressed clusters peaked at 165-235 MB of RSS with
+    the default arenas, and at 111 MB with one (scripts/benchlib/scale.py,
+    row 9).  Small Python objects do not come from malloc's arenas
+    (pymalloc) and the GIL serialises most other allocations, so one arena
+    costs no measurable speed.  It must be set before the daemon starts
+    threads: a thread keeps the arena it got.  Idempotent; a no-op off
+    glibc."""
+    global _one_malloc_arena_done
+    if _one_malloc_arena_done:
+        return
+    _one_malloc_arena_done = True
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return
+        import ctypes
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+
+
+_one_malloc_arena_done = False
+
+
+def _maps_any(runs, ranges):
+    """Whether any of ``runs`` (a volume's sorted, disjoint guest runs) meets
+    any of ``ranges`` ((offset, length) pairs)."""
+    for offset, length in ranges:
+        i = bisect.bisect_right(runs, offset, key=_run_start)
+        if i and runs[i - 1][0] + runs[i - 1][1] > offset:
+            return True
+        if i < len(runs) and runs[i][0] < offset + length:
+            return True
+    return False
+
+
+def _run_start(run):
+    return run[0]
 
 
 def _is_active_part(node):
