@@ -90,6 +90,8 @@ class ClusterCache:
 
     def peek(self, volume, host):
         """The cached cluster, or None; never reads."""
+        # Keyed by the open volume, not its path: a merge may rewrite a file
+        # under the same name.
         key = (volume.token, host)
         with self._lock:
             data = self._items.get(key)
@@ -98,14 +100,10 @@ class ClusterCache:
             return data
 
     def get(self, volume, host, nbytes):
-        # Keyed by the open volume, not its path: a merge may rewrite a file
-        # under the same name.
+        data = self.peek(volume, host)
+        if data is not None:
+            return data
         key = (volume.token, host)
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-                return data
         data = volume.read_compressed(host, nbytes)
         with self._lock:
             if key not in self._items:

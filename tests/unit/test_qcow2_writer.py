@@ -392,17 +392,29 @@ def _setup_crash_image(directory, name, seed):
     return path, view, _crash_ops(rng, 1 * MiB, 4 * KiB, 8)
 
 
+def _crash_baseline(tmp_path, path, ops):
+    """Keep a pristine copy of ``path``; its size, cluster size, and the
+    model of the disk before each op and after the last."""
+    pristine = str(tmp_path / "pristine.qcow2")
+    shutil.copyfile(path, pristine)
+    info = qemu.info(path)
+    return pristine, info["virtual-size"], info["cluster-size"], _models(qemu.to_raw(path), ops)
+
+
+def _assert_no_corruption(path, context):
+    """qemu-img check finds at most leaks."""
+    report = qemu.check(path)
+    assert report["returncode"] in (0, 3), (context, report)
+    assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0, context
+
+
 @pytest.mark.parametrize("name,seed", [("tiny-clusters", 0), ("extended-l2", 0),
                                        ("extended-l2", 1), ("v2", 0), ("v2", 1)])
 def test_crash_at_every_step(tmp_path, name, seed):
     """SIGKILL at every ordering point of a write sequence: no corruption,
     every cluster old or new, completed writes kept, the image still usable."""
     path, below_view, ops = _setup_crash_image(tmp_path, name, seed)
-    pristine = str(tmp_path / "pristine.qcow2")
-    shutil.copyfile(path, pristine)
-    size = qemu.info(path)["virtual-size"]
-    cluster = qemu.info(path)["cluster-size"]
-    models = _models(qemu.to_raw(path), ops)
+    pristine, size, cluster, models = _crash_baseline(tmp_path, path, ops)
 
     running, steps, _, _ = _run_child(path, below_view, ops, kill_at=0)
     assert running is None
@@ -415,9 +427,7 @@ def test_crash_at_every_step(tmp_path, name, seed):
         shutil.copyfile(pristine, path)
         running, seen, _, _ = _run_child(path, below_view, ops, kill_at)
         assert len(seen) == kill_at and running is not None
-        report = qemu.check(path)
-        assert report["returncode"] in (0, 3), (kill_at, seen[-1], report)
-        assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0
+        _assert_no_corruption(path, (kill_at, seen[-1]))
         view = qemu.to_raw(path)
         old, new = models[running], models[running + 1]
         for start in range(0, size, cluster):
@@ -442,11 +452,7 @@ def test_write_back_crash_at_every_step(tmp_path, name, seed):
     ordering point leaves no corruption, and every cluster as it was at
     some moment between the last completed flush and the kill."""
     path, below_view, ops = _setup_crash_image(tmp_path, name, seed)
-    pristine = str(tmp_path / "pristine.qcow2")
-    shutil.copyfile(path, pristine)
-    size = qemu.info(path)["virtual-size"]
-    cluster = qemu.info(path)["cluster-size"]
-    models = _models(qemu.to_raw(path), ops)
+    pristine, size, cluster, models = _crash_baseline(tmp_path, path, ops)
 
     _, steps, _, _ = _run_child(path, below_view, ops, 0, write_back=True, flush_every=3)
     _assert_clean(path)
@@ -458,9 +464,7 @@ def test_write_back_crash_at_every_step(tmp_path, name, seed):
         _, seen, started, flushed = _run_child(path, below_view, ops, kill_at,
                                                write_back=True, flush_every=3)
         assert len(seen) == kill_at
-        report = qemu.check(path)
-        assert report["returncode"] in (0, 3), (kill_at, seen[-1], report)
-        assert report.get("corruptions", 0) == 0 and report.get("check-errors", 0) == 0
+        _assert_no_corruption(path, (kill_at, seen[-1]))
         view = qemu.to_raw(path)
         states = models[flushed:started + 1]
         for start in range(0, size, cluster):
