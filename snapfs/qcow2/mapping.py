@@ -13,6 +13,7 @@ Runs come out sorted by guest offset, adjacent DATA/ZERO runs coalesced.
 Tables are read in bulk, one pread per L1 and per L2 table.
 """
 
+import itertools
 import os
 import sys
 from array import array
@@ -114,9 +115,10 @@ def _check_data_cluster(hdr, host):
 
 def _standard_runs(hdr, table, base, out):
     cs = hdr.cluster_size
-    for i, entry in enumerate(table):
-        if not entry:
-            continue
+    # Most entries of a sparse layer are zero: skip them in C (find over a
+    # 200-VM store spent a sixth of its time in this loop).
+    for i in itertools.compress(range(len(table)), table):
+        entry = table[i]
         guest = base + i * cs
         if entry & S.L2E_COMPRESSED:
             host, nbytes = _compressed(hdr, entry)
