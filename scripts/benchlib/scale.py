@@ -103,16 +103,23 @@ def log(msg):
 
 # -- row 8: a store of many VMs -------------------------------------------------
 
+def two_partitions(raw, size, label):
+    """A sparse raw disk of ``size`` with a ``label`` (dos, gpt) table: one
+    partition from sector 2048 to the middle, one from there to the end.
+    Returns the file and the middle's sector."""
+    with open(raw, "wb") as f:
+        f.truncate(size)
+    half = size // 2 // 512
+    run("sfdisk", "-q", raw, input=f"label: {label}\n2048,{half - 2048},L\n,,L\n")
+    return raw, half
+
+
 def build_template(directory, size, seed):
     """A chain s00 <- s01 <- ... <- s19 <- active of a ``size`` disk: an MBR
     with two partitions and a little data in the base, 128 KiB in each layer."""
     directory.mkdir(parents=True)
     rng = random.Random(seed)
-    raw = directory / "base.raw"
-    with open(raw, "wb") as f:
-        f.truncate(size)
-    half = size // 2 // 512
-    run("sfdisk", "-q", raw, input=f"label: dos\n2048,{half - 2048},L\n,,L\n")
+    raw, half = two_partitions(directory / "base.raw", size, "dos")
     with open(raw, "r+b") as f:
         for start in (2048 * 512, half * 512):
             f.seek(start)
@@ -313,11 +320,7 @@ def build_big_chain(directory, size, compressed_writes, seed):
     chain (qemu-img map), and the partitions' (start, length)."""
     directory.mkdir(parents=True)
     rng = random.Random(seed)
-    raw = directory / "gpt.raw"
-    with open(raw, "wb") as f:
-        f.truncate(size)
-    half = size // 2 // 512
-    run("sfdisk", "-q", raw, input=f"label: gpt\n2048,{half - 2048},L\n,,L\n")
+    raw, _ = two_partitions(directory / "gpt.raw", size, "gpt")
     table = json.loads(run("sfdisk", "--json", raw).stdout)["partitiontable"]
     parts = [(p["start"] * 512, p["size"] * 512) for p in table["partitions"]]
     base = directory / "L00.qcow2"
