@@ -67,8 +67,9 @@ class _TablePlan:
         self.offset = offset        # current table (0: none)
         self.table = table          # its entries, or None
         self.copied = copied        # written in place (refcount 1)
-        self.changes = []           # (l2 index, (entry, bitmap) | None, content)
+        self.changes = []           # (l2 index, (entry, bitmap) | None, content, offset in cluster)
         self.new_offset = 0         # where the new/copied table goes
+        self.updates = []           # write-back: (l2 index, (entry, bitmap)) to apply
 
 
 class Qcow2Writer:
@@ -136,6 +137,7 @@ class Qcow2Writer:
         self._pending_drops = Counter()   # cluster index -> references to drop
         self._pending_bytes = 0       # data allocated since the last write-back
         self._zeros = bytes(hdr.cluster_size)
+        self._file_end = 0     # the file must reach this far before the next sync
 
     # -- public API --------------------------------------------------------
 
@@ -456,6 +458,7 @@ class Qcow2Writer:
                 # A hostile image must not get its tables overwritten or freed.
                 raise CorruptImage(self.path, f"guest cluster {c0:#x} maps to metadata at {host:#x}")
             content = None
+            skip = 0      # content starts this far into the cluster; zeros around it
             if data is None and whole and v3:
                 zero = True
             else:
@@ -464,8 +467,9 @@ class Qcow2Writer:
                         kind == _DATA or kind == _EXT and aux & _ALLOC_ALL == _ALLOC_ALL):
                     inplace.append((host + lo, [piece]))
                     continue
-                if whole:
-                    content = piece
+                if whole or kind == _ZERO or (kind == _BELOW and self._below is None):
+                    # Nothing to copy: the rest of the cluster reads as zeros.
+                    content, skip = piece, lo
                 else:
                     content = bytearray(cs)
                     self._fill(memoryview(content), c0, self._pieces(c0, limit))
@@ -481,7 +485,7 @@ class Qcow2Writer:
             plan = plans.get(l1i)
             if plan is None:
                 plan = plans[l1i] = _TablePlan(l2off, table, copied)
-            plan.changes.append((l2i, zero_entry if content is None else None, content))
+            plan.changes.append((l2i, zero_entry if content is None else None, content, skip))
             if kind == _COMP:
                 for c in range(host >> cb, ((host + aux - 1) >> cb) + 1):
                     drops[c] += 1
@@ -495,32 +499,44 @@ class Qcow2Writer:
         for plan in plans.values():
             if plan.table is not None and not plan.copied:
                 drops[plan.offset >> cb] += 1   # shared table: copied on write
-        refs.check_release(drops + Counter({c: self._pending_drops[c] for c in drops
-                                            if c in self._pending_drops}))
-        fresh = sum(1 for p in plans.values() for _, new, _ in p.changes if new is None)
+        if drops:
+            pending = self._pending_drops
+            refs.check_release(drops + Counter({c: pending[c] for c in drops if c in pending}))
+        fresh = sum(1 for p in plans.values() for _, new, _, _ in p.changes if new is None)
+        # Clusters at or past the end of the file read as zeros already:
+        # they get only their data, and the file is extended before the
+        # next sync (``_extend_file``).  Below the end a cluster may hold
+        # old bytes, so it is written whole.
+        file_end = self.header.file_size
         hosts = iter(refs.allocate(fresh))
         moved = [p for p in plans.values() if not p.copied]
-        for plan, c in zip(moved, refs.allocate(len(moved))):
-            plan.new_offset = c << cb
+        if moved:
+            for plan, c in zip(moved, refs.allocate(len(moved))):
+                plan.new_offset = c << cb
         writes = inplace
         for plan in plans.values():
-            if plan.copied:
-                # Write-back changes a copy: the cached table must not point
-                # at data that a failing write never wrote.
-                arr = array("Q", plan.table) if self._write_back else plan.table
-            else:
-                arr = array("Q", plan.table if plan.table is not None else self._zeros)
-            for l2i, new, content in plan.changes:
+            updates = []
+            for l2i, new, content, skip in plan.changes:
                 if new is None:
                     h = next(hosts) << cb
                     new = (h | S.L2E_COPIED, _ALLOC_ALL if ext else 0)
-                    bufs = [content] if len(content) == cs else [content, zeros[len(content):]]
-                    writes.append((h, bufs))
-                if ext:
-                    arr[2 * l2i], arr[2 * l2i + 1] = new
-                else:
-                    arr[l2i] = new[0]
-            plan.table = arr
+                    tail = skip + len(content)
+                    if tail == cs and not skip:
+                        writes.append((h, [content]))
+                    elif h >= file_end:
+                        writes.append((h + skip, [content]))
+                        self._file_end = max(self._file_end, h + cs)
+                    else:
+                        writes.append((h, [zeros[:skip], content, zeros[tail:]]))
+                updates.append((l2i, new))
+            if not plan.copied:
+                plan.table = array("Q", plan.table if plan.table is not None else self._zeros)
+            if plan.copied and self._write_back:
+                # The cached table changes once the data is written (_stage):
+                # it must never point at data that a failed write never wrote.
+                plan.updates = updates
+            else:
+                self._set_entries(plan.table, updates)
 
         if self._write_back:
             self._stage(plans, writes, drops)
@@ -536,6 +552,7 @@ class Qcow2Writer:
         io.pwrite_runs(writes)
         for plan in moved:
             io.pwrite(_be(plan.table), plan.new_offset)
+        self._extend_file()
         if plans:
             io.sync()
         io.step("data")
@@ -564,11 +581,20 @@ class Qcow2Writer:
             refs.write_dirty()
             io.step("free")
 
+    def _set_entries(self, table, updates):
+        if self.header.extended_l2:
+            for l2i, (entry, bitmap) in updates:
+                table[2 * l2i], table[2 * l2i + 1] = entry, bitmap
+        else:
+            for l2i, (entry, _) in updates:
+                table[l2i] = entry
+
     def _stage(self, plans, writes, drops):
         """Write-back mode: the data now, the tables into memory."""
         self._io.pwrite_runs(writes)
         for l1i, plan in plans.items():
             if plan.copied:
+                self._set_entries(plan.table, plan.updates)
                 self._l2[plan.offset] = plan.table
                 self._dirty_tables.add(plan.offset)
             else:
@@ -596,6 +622,7 @@ class Qcow2Writer:
                 io.sync()
                 refs.link_new_blocks()
                 io.step("reftable-entry")
+            self._extend_file()
             io.sync()
             io.step("data")
             for off in sorted(self._dirty_tables):
@@ -620,6 +647,15 @@ class Qcow2Writer:
                 raise NoSpace(f"{self.path}: no space left to write back its tables") from e
             raise
         self._trim()
+
+    def _extend_file(self):
+        """Make the file cover every cluster that got only part of its
+        bytes (the rest is a hole, which reads as zeros), before the tables
+        that point at them can reach the disk: a reader may check entries
+        against the file's size."""
+        if self._file_end > self.header.file_size:
+            os.ftruncate(self.fd, self._file_end)
+            self.header.file_size = self._file_end
 
     def _is_zero(self, buf):
         n = len(buf)

@@ -597,3 +597,54 @@ def test_allocated_runs_match_qemu_map(tmp_path, options):
         assert w.read(0, w.size) == model
     _assert_clean(path)
     assert qemu.to_raw(path) == model
+
+
+# --------------------------------------------------------------------------
+# 6. partial writes of new clusters
+
+def _host_of(path, guest):
+    for e in qemu.map_json(path):
+        if e["start"] <= guest < e["start"] + e["length"] and e.get("data"):
+            return e["offset"] + guest - e["start"]
+    return None
+
+
+@pytest.mark.parametrize("write_back", [False, True])
+def test_partial_write_into_a_fresh_cluster_past_the_end(tmp_path, write_back):
+    """Only the data is written; the rest of the cluster is a hole, and the
+    file is extended to cover it before the tables point at it."""
+    path = str(tmp_path / "d.qcow2")
+    _create(path, 4 * MiB, "cluster_size=64k")
+    model = bytearray(4 * MiB)
+    with Qcow2Writer(path, write_back=write_back) as w:
+        for op in [("pattern", 3 * 64 * KiB + 8 * KiB, 4 * KiB, 1),
+                   ("random", 10 * 64 * KiB + 60 * KiB, 4 * KiB, 2),   # the cluster's tail
+                   ("random", 20 * 64 * KiB, 100, 3)]:                 # its head
+            _apply(w, model, op)
+        assert w.read(0, w.size) == model
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
+    for guest in (3 * 64 * KiB, 10 * 64 * KiB, 20 * 64 * KiB):
+        host = _host_of(path, guest)
+        assert host is not None and os.path.getsize(path) >= host + 64 * KiB
+
+
+@pytest.mark.parametrize("write_back", [False, True])
+def test_partial_write_into_a_reused_cluster_zeroes_the_rest(tmp_path, write_back):
+    """A freed cluster inside the file still holds its old bytes: a write
+    of part of a new cluster that reuses it must zero the rest."""
+    path = str(tmp_path / "d.qcow2")
+    _create(path, 4 * MiB, "cluster_size=64k")
+    model = bytearray(4 * MiB)
+    with Qcow2Writer(path, write_back=write_back) as w:
+        _apply(w, model, ("pattern", 0, 64 * KiB, 0xAA))
+        w.flush()
+        old_host = _host_of(path, 0)
+        _apply(w, model, ("write_zeroes", 0, 64 * KiB, 0))   # frees old_host
+        w.flush()
+        _apply(w, model, ("pattern", 5 * 64 * KiB + 4 * KiB, 4 * KiB, 7))
+        w.flush()
+        assert _host_of(path, 5 * 64 * KiB) == old_host   # the freed cluster was reused
+        assert w.read(0, w.size) == model
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
