@@ -258,26 +258,28 @@ def _pieces(copy, runs):
 
 
 def _read_ahead(source, fd, pieces):
-    """Yield (start, length, kind, data) for ``pieces`` (from ``_pieces``),
-    in order, while a thread reads up to READ_AHEAD bytes ahead from
-    ``source``, so that reading the source overlaps with writing the
-    target.  Before each read the thread also asks the kernel to read the
-    next HINT_AHEAD bytes of the source's file (``fd``; POSIX_FADV_WILLNEED),
-    so that several reads are in flight at once.  ``data`` is None for ZERO
-    pieces.  Close the generator to stop the thread."""
+    """Yield (start, length, kind, host, data) for ``pieces`` (from
+    ``_pieces``), in order, while a thread reads up to READ_AHEAD bytes
+    ahead from ``source``, so that reading the source overlaps with writing
+    the target.  Pieces that lie in the source's file (``host`` not None)
+    are not read: the caller copies them file to file, and the thread asks
+    the kernel to read the next HINT_AHEAD bytes of that file (``fd``;
+    POSIX_FADV_WILLNEED) ahead of the copy.  ``data`` is None for those and
+    for ZERO pieces.  Close the generator to stop the thread."""
     hint = {"next": 0, "end": 0}     # the thread's: next piece to hint, bytes hinted
 
     def read(index):
         start, n, _, host = pieces[index]
-        if host is not None:
-            hint["end"] = max(hint["end"], host)
-            while hint["next"] < len(pieces) and hint["end"] < host + HINT_AHEAD:
-                _, hn, _, hhost = pieces[hint["next"]]
-                hint["next"] += 1
-                if hhost is not None and hhost + hn > hint["end"]:
-                    os.posix_fadvise(fd, hhost, hn, os.POSIX_FADV_WILLNEED)
-                    hint["end"] = hhost + hn
-        return source.read(start, n)
+        if host is None:
+            return source.read(start, n)
+        hint["end"] = max(hint["end"], host)
+        while hint["next"] < len(pieces) and hint["end"] < host + HINT_AHEAD:
+            _, hn, _, hhost = pieces[hint["next"]]
+            hint["next"] += 1
+            if hhost is not None and hhost + hn > hint["end"]:
+                os.posix_fadvise(fd, hhost, hn, os.POSIX_FADV_WILLNEED)
+                hint["end"] = hhost + hn
+        return None
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
     window = deque()
@@ -285,19 +287,19 @@ def _read_ahead(source, fd, pieces):
     try:
         while True:
             while submitted < len(pieces) and (not window or buffered < READ_AHEAD):
-                start, n, kind, _ = pieces[submitted]
+                start, n, kind, host = pieces[submitted]
                 future = None
                 if kind != ZERO:
                     future = pool.submit(read, submitted)
-                    buffered += n
-                window.append((start, n, kind, future))
+                    buffered += n     # copied pieces too: this bounds the hints
+                window.append((start, n, kind, host, future))
                 submitted += 1
             if not window:
                 return
-            start, n, kind, future = window.popleft()
+            start, n, kind, host, future = window.popleft()
             if future is not None:
                 buffered -= n
-            yield start, n, kind, None if future is None else future.result()
+            yield start, n, kind, host, None if future is None else future.result()
     finally:
         for *_, future in window:
             if future is not None:
@@ -329,11 +331,14 @@ def execute_merge(store, manifest, plan, progress=None):
             top = source.volumes[-1]
             pieces = _pieces(plan.copy, pool.runs(top))
             with closing(_read_ahead(source, top.fd, pieces)) as items:
-                for pos, n, kind, data in items:
+                for pos, n, kind, host, data in items:
                     if kind == ZERO:
                         writer.write_zeroes(pos, n)
                     else:
-                        writer.write(pos, data)
+                        if data is None:
+                            writer.copy_from(pos, top.fd, host, n)
+                        else:
+                            writer.write(pos, data)
                         done += n
                         if done - kicked >= WRITEBACK_EVERY and (kick is None or kick.done()):
                             kick = kicker.submit(_start_writeback, writer.fd)

@@ -5,6 +5,7 @@ import ctypes.util
 import os
 
 from .faults import crashpoint
+from .filerange import FileRange
 from .qcow2.writer import Qcow2Writer
 
 _ZERO_CHUNK = bytes(1 << 20)
@@ -23,6 +24,11 @@ class RawWriter:
         while view:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
+
+    def copy_from(self, offset, fd, source_offset, length):
+        """Write ``length`` bytes of the open file ``fd`` from ``source_offset``
+        at ``offset``, copied by the kernel.  Raises OSError."""
+        FileRange(fd, source_offset, length).copy_to(self.fd, offset)
 
     def write_zeroes(self, offset, length):
         # Punching a hole keeps the file sparse; fall back to writing zeros.

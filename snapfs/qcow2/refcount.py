@@ -20,6 +20,7 @@ from array import array
 from collections import OrderedDict
 
 from ..errors import CorruptImage, NoSpace
+from ..filerange import FileRange
 from .header import MAX_REFTABLE_BYTES
 from .mapping import read_u64_table
 
@@ -61,7 +62,23 @@ class ImageFile:
         self.pwritev([data], offset)
 
     def pwritev(self, buffers, offset):
-        """Write the buffers back to back from ``offset``.  Raises OSError."""
+        """Write the buffers back to back from ``offset``; a FileRange among
+        them is copied by the kernel.  Raises OSError."""
+        pos, run = offset, []
+        for buf in buffers:
+            if isinstance(buf, FileRange):
+                pos = self._pwritev(run, pos)
+                run = []
+                buf.copy_to(self.fd, pos)
+                pos += len(buf)
+            else:
+                run.append(buf)
+        pos = self._pwritev(run, pos)
+        if pos > self.header.file_size:
+            self.header.file_size = pos
+
+    def _pwritev(self, buffers, offset):
+        """Write the buffers (bytes-like) from ``offset``; the end offset."""
         pos = offset
         for i in range(0, len(buffers), _IOV_CHUNK):
             chunk = buffers[i:i + _IOV_CHUNK]
@@ -75,8 +92,7 @@ class ImageFile:
                     done += n
                     rest = rest[n:]
             pos += total
-        if pos > self.header.file_size:
-            self.header.file_size = pos
+        return pos
 
     def pwrite_runs(self, writes):
         """Write (offset, buffers) pairs, one call per contiguous range, so

@@ -31,6 +31,7 @@ from array import array
 from collections import Counter, OrderedDict
 
 from ..errors import CorruptImage, NoSpace, ReadOnly
+from ..filerange import FileRange
 from . import structs as S
 from .compress import decompress_cluster
 from .header import read_header
@@ -176,6 +177,17 @@ class Qcow2Writer:
             self._check_writable()
             if len(data):
                 self._batch(offset, len(data), data)
+
+    def copy_from(self, offset, fd, source_offset, length):
+        """Write ``length`` bytes of the open file ``fd`` from
+        ``source_offset`` at guest ``offset``; whole clusters are copied
+        file to file by the kernel (copy_file_range).  Unlike ``write``,
+        clusters of zeros are written as data.  Raises like ``write``."""
+        with self._lock:
+            self._check_range(offset, length)
+            self._check_writable()
+            if length:
+                self._batch(offset, length, FileRange(fd, source_offset, length))
 
     def write_zeroes(self, offset, length):
         """Make guest [offset, offset + length) read as zeros.
@@ -473,8 +485,9 @@ class Qcow2Writer:
                 else:
                     content = bytearray(cs)
                     self._fill(memoryview(content), c0, self._pieces(c0, limit))
-                    content[lo:hi] = piece
-                zero = self._is_zero(content)
+                    content[lo:hi] = piece.read() if isinstance(piece, FileRange) else piece
+                # A FileRange is not read here: it counts as data.
+                zero = not isinstance(content, FileRange) and self._is_zero(content)
             if zero:
                 if bare and not entry and not bitmap:
                     continue

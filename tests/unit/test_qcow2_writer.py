@@ -6,6 +6,7 @@ convert`` (guest bytes) and ``qemu-img map`` (what is allocated where), plus
 a bytearray model of the disk.
 """
 
+import errno
 import os
 import random
 import shutil
@@ -646,5 +647,45 @@ def test_partial_write_into_a_reused_cluster_zeroes_the_rest(tmp_path, write_bac
         w.flush()
         assert _host_of(path, 5 * 64 * KiB) == old_host   # the freed cluster was reused
         assert w.read(0, w.size) == model
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
+
+
+# --------------------------------------------------------------------------
+# 7. copy_from: clusters copied file to file by the kernel
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+@pytest.mark.parametrize("write_back", [False, True])
+def test_copy_from_matches_write(tmp_path, monkeypatch, write_back, kernel_copy):
+    """copy_from gives the guest the same bytes as write() of the source's
+    bytes: whole clusters, partial ones over a backing view, in-place
+    overwrites, and a source range running past the end of its file."""
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    base = str(tmp_path / "base.qcow2")
+    path = str(tmp_path / "top.qcow2")
+    _create(base, 2 * MiB, "cluster_size=64k")
+    qemu.qemu_io(base, "write -P 9 0 2M")
+    _create(path, 2 * MiB, "cluster_size=64k", base, "qcow2")
+    source_bytes = random.Random(5).randbytes(1 * MiB + 1000)
+    source = tmp_path / "source.bin"
+    source.write_bytes(source_bytes)
+    model = bytearray(qemu.to_raw(path))
+    ops = [(0, 0, 256 * KiB),                     # whole clusters
+           (300 * KiB, 7, 10 * KiB),              # part of a cluster: the rest from below
+           (64 * KiB, 4096, 64 * KiB),            # overwrite in place
+           (1 * MiB, 1 * MiB - 4096, 64 * KiB)]   # past the source's end: zeros
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with Qcow2Writer(path, _below_of(qemu.to_raw(base)), write_back=write_back) as w:
+            for guest, src, n in ops:
+                w.copy_from(guest, fd, src, n)
+                chunk = source_bytes[src:src + n]
+                model[guest:guest + n] = chunk + bytes(n - len(chunk))
+                assert w.read(0, w.size) == model
+    finally:
+        os.close(fd)
     _assert_clean(path)
     assert qemu.to_raw(path) == model
