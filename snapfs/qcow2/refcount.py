@@ -364,7 +364,7 @@ class Refcounts:
     def trim(self):
         """Evict clean blocks beyond REFBLOCK_CACHE_BYTES (oldest first)."""
         excess = len(self._blocks) * self.cs - REFBLOCK_CACHE_BYTES
-        for b in list(self._blocks):
+        for b in list(self._blocks) if excess > 0 else ():
             if excess <= 0 or len(self._blocks) <= 1:
                 break
             if b not in self._dirty:

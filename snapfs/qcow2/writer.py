@@ -318,9 +318,8 @@ class Qcow2Writer:
     def _trim(self):
         """Evict clean L2 tables beyond L2_CACHE_BYTES, least recently used
         first (dirty ones are pinned until written back)."""
-        cs = self.header.cluster_size
-        excess = len(self._l2) - max(1, L2_CACHE_BYTES // cs)
-        for off in list(self._l2):
+        excess = len(self._l2) - max(1, L2_CACHE_BYTES // self.header.cluster_size)
+        for off in list(self._l2) if excess > 0 else ():
             if excess <= 0:
                 break
             if off not in self._dirty_tables:
