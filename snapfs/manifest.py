@@ -188,7 +188,9 @@ def save(manifest, path):
     """Replace the manifest at ``path`` atomically and durably."""
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, f".{MANIFEST}.tmp")
-    data = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+    # No indent: json encodes in C only without one, 3-4x faster for a VM
+    # with many snapshots, and each snapshot operation saves twice.
+    data = json.dumps(manifest.to_json(), sort_keys=True).encode() + b"\n"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, data)
