@@ -125,7 +125,9 @@ class ActiveSlot:
 class ActiveDisk:
     """The active leaf of a disk, read and written through a Qcow2Writer
     whose backing view is the (immutable) chain beneath the leaf.  Writes
-    go through an ActiveSlot, which holds the VM's io_lock."""
+    go through an ActiveSlot, which holds the VM's io_lock.  Until the
+    writer opens, ``readonly_view`` reads the same bytes from the files
+    (snapfs/listings.py reads the partition table through it)."""
 
     def __init__(self, pool, refs):
         self.refs = refs
@@ -138,6 +140,12 @@ class ActiveDisk:
     @property
     def size(self):
         return self.readonly_view.size
+
+    @property
+    def writer_open(self):
+        """Whether reads go through a writer, which may hold writes that
+        the leaf's file does not show yet (write-back tables)."""
+        return self._writer is not None
 
     def writer(self):
         from .qcow2.writer import Qcow2Writer

@@ -10,7 +10,8 @@ from collections import OrderedDict
 
 from .errors import CorruptImage, ImageError
 from .qcow2 import Qcow2Image
-from .qcow2.mapping import DATA
+from .qcow2 import structs as S
+from .qcow2.mapping import DATA, read_u64_table
 
 SECTOR = 512
 
@@ -36,6 +37,10 @@ class RawVolume:
     def runs(self):
         return [(0, self.size, DATA, 0, 0)] if self.size else []
 
+    def defines_any(self, ranges):
+        """A raw volume defines every byte up to its size."""
+        return any(offset < self.size and length for offset, length in ranges)
+
     def read_compressed(self, host, nbytes):  # pragma: no cover - raw has none
         raise CorruptImage(self.path, "raw volumes have no compressed clusters")
 
@@ -49,6 +54,48 @@ class RawVolume:
 
 class Qcow2Volume(Qcow2Image):
     format = "qcow2"
+
+    def defines_any(self, ranges):
+        """Whether a read of any of ``ranges`` ((offset, length) pairs) would
+        not fall through to the backing volume: some cluster there is
+        allocated, zeroed or compressed.
+
+        Reads only the L1 and L2 entries of those clusters, not whole
+        tables (``runs`` costs ~0.5 ms of CPU a volume).  It errs towards
+        True: an entry it cannot trust (a table past the end of the file, a
+        flag without an offset) counts as defining, and the caller then
+        reads through the chain, which reports the damage.  Raises OSError.
+        """
+        hdr = self.header
+        cs, per_l2 = hdr.cluster_size, hdr.l2_entries
+        words = hdr.l2_entry_size // 8
+        for offset, length in ranges:
+            end = min(offset + length, hdr.size)
+            if end <= offset:
+                continue
+            first, last = offset // cs, (end - 1) // cs
+            while first <= last:
+                l1_index, l2_index = divmod(first, per_l2)
+                count = min(last - first + 1, per_l2 - l2_index)
+                if self._l2_entries_nonzero(l1_index, l2_index, count, words):
+                    return True
+                first += count
+        return False
+
+    def _l2_entries_nonzero(self, l1_index, l2_index, count, words):
+        hdr = self.header
+        if l1_index >= hdr.l1_size:
+            return True
+        l1e = read_u64_table(self.fd, hdr.l1_table_offset + l1_index * 8, 1)
+        if len(l1e) != 1:
+            return True
+        l2_offset = l1e[0] & S.OFFSET_MASK
+        if not l2_offset:
+            return False
+        if l2_offset % hdr.cluster_size or l2_offset + hdr.cluster_size > hdr.file_size:
+            return True
+        table = read_u64_table(self.fd, l2_offset + l2_index * 8 * words, count * words)
+        return len(table) != count * words or any(table)
 
     @property
     def backing_file(self):
@@ -117,29 +164,54 @@ class ClusterCache:
 
 class VolumePool:
     """Opens each volume file once, however many chains share it, and keeps
-    its runs (a volume that belongs to a snapshot never changes)."""
+    its runs (a volume that belongs to a snapshot never changes).
+
+    Thread-safe.  Files are opened outside the lock, so that threads opening
+    different volumes (see Listings._open_ahead) wait on the disk side by side;
+    ``forget`` bumps a generation so that a volume whose open overlapped it
+    is handed to its caller but never cached: it may have been read before
+    the file changed.
+    """
 
     def __init__(self):
         self._volumes = {}
         self._runs = {}
+        self._generation = 0          # forget() calls so far
         self._lock = threading.Lock()
         self.clusters = ClusterCache()
 
     def get(self, path, fmt):
+        """The open volume at ``path``.  Raises ImageError."""
         key = str(path)
         with self._lock:
             vol = self._volumes.get(key)
-            if vol is None:
-                vol = open_volume(key, fmt)
-                vol.token = next(_tokens)
+            if vol is not None:
+                return vol
+            generation = self._generation
+        vol = open_volume(key, fmt)
+        vol.token = next(_tokens)
+        with self._lock:
+            cached = self._volumes.get(key)
+            if cached is None and generation == self._generation:
                 self._volumes[key] = vol
-            return vol
+                return vol
+        if cached is not None:
+            # Another thread opened it meanwhile: share theirs.
+            vol.close()
+            return cached
+        return vol
 
     def runs(self, volume):
-        runs = self._runs.get(volume.path)
-        if runs is None:
-            runs = volume.runs()
-            self._runs[volume.path] = runs
+        """``volume.runs()``, read once while the pool holds ``volume``."""
+        # Keyed by path but checked by token: after a forget() the path may
+        # name a file reopened since, with other runs.
+        token, runs = self._runs.get(volume.path, (None, None))
+        if token == volume.token:
+            return runs
+        runs = volume.runs()
+        with self._lock:
+            if self._volumes.get(volume.path) is volume:
+                self._runs[volume.path] = (volume.token, runs)
         return runs
 
     def forget(self, directory):
@@ -147,6 +219,7 @@ class VolumePool:
         that still hold them keep reading; each file closes with its last user."""
         prefix = os.path.join(directory, "")
         with self._lock:
+            self._generation += 1
             for path in [p for p in self._volumes if p.startswith(prefix)]:
                 del self._volumes[path]
                 self._runs.pop(path, None)

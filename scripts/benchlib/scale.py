@@ -59,8 +59,8 @@ The bound, from the design (snapfs/volume.py, chain.py, qcow2/mapping.py):
                               clusters, read once per volume and dropped, and
                               so are the L2 tables); here ~1,400 extents per
                               chain (each compressed cluster is one): < 5 MB
-              + slack         malloc's, with one arena (see snapfs/vfs.py,
-                              _one_malloc_arena): 10 MB
+              + slack         malloc's, with one arena (see snapfs/malloc_arena.py,
+                              one_malloc_arena): 10 MB
 
     = 40 + 67 + 34 + 5 + 10 = 156 MB, stated as BOUND_MB = 160 MB.
 

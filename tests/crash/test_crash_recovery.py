@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.crash.harness import (
-    CLI, KiB, MiB, RECOVERY_LINES, RESULTS, VM, OpCase, Outcome, build_qcow2_chain,
+    KiB, MiB, RECOVERY_LINES, RESULTS, VM, OpCase, Outcome, build_qcow2_chain,
     check_clean, check_no_corruption, copy_store, crash_run, manifest, merge_phase, ok,
     run_snapfs, state_differences, trace_run, vm_dir, vm_state)
 from tests.support import qemu

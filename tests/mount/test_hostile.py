@@ -5,9 +5,7 @@ No host file content ever appears in a view."""
 import errno
 import os
 
-import pytest
-
-from tests.support.hostile import REFUSE, REFUSE_OR_EIO, build_accept_cases, build_corpus
+from tests.support.hostile import REFUSE_OR_EIO, build_accept_cases, build_corpus
 from tests.support.mounting import mounted, snapfs
 from tests.support.qemu import qemu_img, qemu_io, to_raw
 

@@ -1,7 +1,6 @@
 """Real mounts for tests: a context manager that always unmounts."""
 
 import contextlib
-import os
 import subprocess
 import sys
 import time

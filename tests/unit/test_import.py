@@ -3,8 +3,6 @@
 import json
 import os
 
-import pytest
-
 from snapfs.chain import Chain
 from snapfs.store import Store
 from snapfs.volume import VolumePool

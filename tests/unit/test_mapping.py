@@ -1,8 +1,6 @@
 """Extent maps against `qemu-img map --output=json`: the per-image runs and
 the merged map of whole chains (depth, host offset, zero/data/compressed)."""
 
-import os
-
 from hypothesis import given, settings
 
 from snapfs.chain import Chain, VolumeRef
