@@ -78,9 +78,10 @@ class Listings:
 
     def snapshots(self, vm):
         specs = []
+        chains = vm.manifest.chains([v for s in vm.manifest.snapshots for v in s.volumes.values()])
         for snap in vm.manifest.snapshots:
             specs.append(dict(name=snap.name, mode=DIR_MODE, mtime_ns=self.time(snap.created),
-                              vm=vm, key=self._snapshot_key(vm, snap),
+                              vm=vm, key=self._snapshot_key(vm, snap, chains),
                               lister=lambda s=snap: self._disks(vm, s.volumes, s)))
         if vm.manifest.snapshots:
             newest = vm.manifest.snapshots[-1]
@@ -156,11 +157,10 @@ class Listings:
 
     # -- snapshot views ----------------------------------------------------------
 
-    def _snapshot_key(self, vm, snap):
+    def _snapshot_key(self, vm, snap, chains):
         # Not the name: a renamed snapshot keeps its inode, as the kernel
         # moves its cached entry; snapshot.json is made when opened.
-        m = vm.manifest
-        return (snap.id, tuple(tuple(m.chain(snap.volumes[d])) for d in m.disks))
+        return (snap.id, tuple(chains[snap.volumes[d]] for d in vm.manifest.disks))
 
     def _chain_refs(self, vm, volume_id):
         """Store.chain_refs, with the VolumeRefs shared across the VM's chains."""

@@ -84,6 +84,29 @@ class Manifest:
             used.update(self.chain(vid))
         return used
 
+    def chains(self, volume_ids):
+        """{volume id: its chain as a tuple} for ``volume_ids``, as ``chain``
+        gives it, with each step taken once: calling ``chain`` for each of N
+        snapshots would walk N chains.  Raises StoreError like ``chain``."""
+        out = {}
+        for vid in volume_ids:
+            path, current = [], vid
+            while current is not None and current not in out:
+                if current in path or len(path) >= MAX_CHAIN_DEPTH:
+                    raise StoreError(f"{self.path}: volume chain of {vid} loops or is too deep")
+                vol = self.volumes.get(current)
+                if vol is None:
+                    raise StoreError(f"{self.path}: unknown volume {current}")
+                path.append(current)
+                current = vol["parent"]
+            chain = () if current is None else out[current]
+            for v in reversed(path):
+                chain += (v,)
+                if len(chain) > MAX_CHAIN_DEPTH:
+                    raise StoreError(f"{self.path}: volume chain of {vid} loops or is too deep")
+                out[v] = chain
+        return {vid: out[vid] for vid in volume_ids}
+
     def chain(self, volume_id):
         """Volume ids from the base up to ``volume_id``."""
         ids = []
