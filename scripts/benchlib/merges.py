@@ -16,7 +16,9 @@ merges b with c.
 
 Each run, not timed: fresh copies of the files each side writes (files a
 side only reads are hard links to the inputs; every input's mtime is
-checked afterwards).  Timed, alternating which side goes first:
+checked afterwards).  Timed, alternating which side goes first, over an
+even number of runs (--runs rounded up: the side that goes first is often
+slower, so each side goes first equally often):
 
 - snapfs as a user runs it: the wall time of the CLI ``snapfs snapshot
   delete STORE vm b``, Python start-up included (with its bytecode cached,
@@ -319,6 +321,12 @@ def verify_snapfs(inp, store, expected_direction):
 
 def measure_scenario(inp, scenario, runs):
     spec = SCENARIOS[scenario]
+    # Whichever side goes first in a run is often slower (measured in one
+    # run: qemu-img commit 3.2 and 3.5 s first, 1.7-1.9 s second): an even
+    # number of runs puts each side first equally often, so that the
+    # medians do not favour one of them.
+    runs += runs % 2
+    by_position = {"snapfs": ([], []), "qemu": ([], [])}   # (first, second)
     inputs = [p for d in (inp["images"], inp["store"] / "vms" / VM) for p in d.iterdir()]
     stamps = _stamp(inputs)
     ours, theirs = [], []
@@ -354,10 +362,15 @@ def measure_scenario(inp, scenario, runs):
             raise SystemExit("bench merges: an input changed (a linked file was written)")
         ours.append(t["snapfs"])
         theirs.append(t["qemu"])
+        for position, (name, *_) in enumerate(sides):
+            by_position[name][position].append(t[name])
         log(f"{scenario} run {i + 1}/{runs}: snapfs {t['snapfs']:.2f} s, "
             f"qemu-img commit {t['qemu']:.2f} s ({sides[0][0]} first; "
             f"untimed: copies {t_prep:.1f} s, checks {t_verify:.1f} s)")
         shutil.rmtree(rundir)
+    log(f"{scenario}: medians when first / second: " + ", ".join(
+        f"{name} {median(first):.2f} / {median(second):.2f} s"
+        for name, (first, second) in by_position.items()))
     log(f"{scenario}: snapfs moved {moved[1] / MiB:.1f} MiB by {moved[0]} "
         f"({moved[1] / inp['own']['c']:.0%} of what qemu-img commit moved); "
         f"qemu-img commit moved {inp['own']['c'] / MiB:.1f} MiB (all of c)")
