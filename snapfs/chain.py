@@ -165,16 +165,17 @@ class Chain:
                 parts.append(self._pread(self._vols[i], n, self.hosts[i] + pos - start))
             elif kind == COMPRESSED:
                 vol = self._vols[i]
+                skip = self.skips[i] + pos - start
+                clusters = self.pool.clusters
                 if wait:
-                    cluster = self.pool.clusters.get(vol, self.hosts[i], self.aux[i])
+                    cluster = clusters.get(vol, self.hosts[i], self.aux[i], skip + n)
                 else:
-                    cluster = self.pool.clusters.peek(vol, self.hosts[i])
+                    cluster = clusters.peek(vol, self.hosts[i], skip + n)
                     if cluster is None:
                         if not budget:
                             return None
                         budget -= 1
-                        cluster = self.pool.clusters.get(vol, self.hosts[i], self.aux[i])
-                skip = self.skips[i] + pos - start
+                        cluster = clusters.get(vol, self.hosts[i], self.aux[i], skip + n)
                 parts.append(cluster[skip:skip + n])
             else:
                 parts.append(_zeros(n))

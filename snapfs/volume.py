@@ -135,30 +135,43 @@ class ClusterCache:
         self._items = OrderedDict()
         self._lock = threading.Lock()
 
-    def peek(self, volume, host):
-        """The cached cluster, or None; never reads."""
+    def peek(self, volume, host, need):
+        """The cached cluster if it holds at least its first ``need`` bytes,
+        else None; never reads."""
         # Keyed by the open volume, not its path: a merge may rewrite a file
         # under the same name.
         key = (volume.token, host)
         with self._lock:
             data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
+            if data is None or len(data) < need:
+                return None
+            self._items.move_to_end(key)
             return data
 
-    def get(self, volume, host, nbytes):
-        data = self.peek(volume, host)
-        if data is not None:
-            return data
+    def get(self, volume, host, nbytes, need):
+        """At least the first ``need`` bytes of the cluster at ``host``.
+
+        A cluster met for the first time is inflated only as far as
+        ``need``: a random 4 KiB read then inflates half a cluster on
+        average.  The second time it is inflated whole, so that reading a
+        cluster piece by piece inflates it at most twice.
+        """
         key = (volume.token, host)
-        data = volume.read_compressed(host, nbytes)
         with self._lock:
-            if key not in self._items:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+                if len(data) >= need:
+                    return data
+        data = volume.read_compressed(host, nbytes, None if data is not None else need)
+        with self._lock:
+            old = self._items.get(key)
+            if old is None or len(old) < len(data):
                 self._items[key] = data
-                self.used += len(data)
+                self.used += len(data) - (len(old) if old is not None else 0)
                 while self.used > self.capacity and self._items:
-                    _, old = self._items.popitem(last=False)
-                    self.used -= len(old)
+                    _, evicted = self._items.popitem(last=False)
+                    self.used -= len(evicted)
         return data
 
 

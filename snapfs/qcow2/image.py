@@ -47,10 +47,11 @@ class Qcow2Image:
     def internal_snapshots(self):
         return read_snapshot_table(self.fd, self.header)
 
-    def read_compressed(self, host, nbytes):
-        """Decompress the cluster stored at ``host`` (``nbytes`` long)."""
+    def read_compressed(self, host, nbytes, length=None):
+        """Decompress the cluster stored at ``host`` (``nbytes`` long): its
+        first ``length`` bytes, or all of it."""
         data = os.pread(self.fd, nbytes, host)
         if not data:
             raise CorruptImage(self.path, f"compressed cluster at {host:#x} lies past the end of the file")
         return decompress_cluster(self.path, data, self.header.cluster_size,
-                                  self.header.compression_type)
+                                  self.header.compression_type, length)

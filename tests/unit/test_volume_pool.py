@@ -121,3 +121,38 @@ def test_a_raw_volume_defines_all_it_holds(tmp_path):
     assert vol.defines_any([(0, 512)])
     assert not vol.defines_any([(4096, 512)])
     pool.close()
+
+
+# --------------------------------------------------------------------------
+# ClusterCache: prefixes of clusters
+
+def test_cluster_cache_inflates_a_prefix_first_then_the_whole_cluster(tmp_path):
+    """A first small read inflates only what it needs; a read beyond it
+    inflates the whole cluster; both match qemu-img's bytes."""
+    from snapfs.volume import ClusterCache, Qcow2Volume
+    from snapfs.qcow2.mapping import COMPRESSED
+    from tests.support import qemu
+
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(b"".join(bytes([i]) * 4096 for i in range(1, 17)) * 4)   # 256 KiB
+    image = tmp_path / "c.qcow2"
+    qemu.qemu_img("convert", "-c", "-O", "qcow2", "-o", "cluster_size=65536", str(raw), str(image))
+    expected = qemu.to_raw(image)
+    vol = Qcow2Volume(str(image))
+    vol.token = 1
+    try:
+        compressed = [r for r in vol.runs() if r[2] == COMPRESSED]
+        assert compressed, "qemu-img stored no compressed cluster"
+        guest, _, _, host, nbytes = compressed[0]
+        cache = ClusterCache()
+        assert cache.peek(vol, host, 1) is None
+        head = cache.get(vol, host, nbytes, 8192)
+        assert len(head) == 8192 and head == expected[guest:guest + 8192]
+        assert cache.peek(vol, host, 8192) == head
+        assert cache.peek(vol, host, 8193) is None          # not inflated that far
+        whole = cache.get(vol, host, nbytes, 8193)
+        assert len(whole) == 65536 and whole == expected[guest:guest + 65536]
+        assert cache.used == 65536
+        assert cache.get(vol, host, nbytes, 100) is whole   # served from the cache
+    finally:
+        vol.close()
