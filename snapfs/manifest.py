@@ -109,18 +109,7 @@ class Manifest:
 
     def chain(self, volume_id):
         """Volume ids from the base up to ``volume_id``."""
-        ids = []
-        current = volume_id
-        while current is not None:
-            if current in ids or len(ids) >= MAX_CHAIN_DEPTH:
-                raise StoreError(f"{self.path}: volume chain of {volume_id} loops or is too deep")
-            vol = self.volumes.get(current)
-            if vol is None:
-                raise StoreError(f"{self.path}: unknown volume {current}")
-            ids.append(current)
-            current = vol["parent"]
-        ids.reverse()
-        return ids
+        return list(self.chains([volume_id])[volume_id])
 
     # -- (de)serialisation ------------------------------------------------
 

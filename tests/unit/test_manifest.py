@@ -1,5 +1,5 @@
-"""Manifest.chains against Manifest.chain: the same chains and the same
-refusals, for random trees of volumes."""
+"""Manifest.chains and Manifest.chain against a plain walk of the parents:
+the same chains and the same refusals, for random trees of volumes."""
 
 import pytest
 from hypothesis import given
@@ -15,11 +15,16 @@ def _manifest(parents):
                     snapshots=[], active={}, path="manifest.json")
 
 
-def _outcome(fn):
-    try:
-        return fn()
-    except StoreError:
-        return StoreError
+def _walk(parents, vid):
+    """The chain base first, or StoreError for a loop, an unknown volume
+    or more than MAX_CHAIN_DEPTH volumes."""
+    ids = []
+    while vid is not None:
+        if vid not in parents or vid in ids or len(ids) == MAX_CHAIN_DEPTH:
+            return StoreError
+        ids.append(vid)
+        vid = parents[vid]
+    return tuple(reversed(ids))
 
 
 @st.composite
@@ -47,23 +52,28 @@ def trees(draw):
 def test_chains_agree_with_chain(parents, data):
     m = _manifest(parents)
     asked = data.draw(st.lists(st.sampled_from(sorted(parents)), max_size=10))
-    expected = {}
-    for vid in asked:
-        chain = _outcome(lambda: tuple(m.chain(vid)))
+    expected = {vid: _walk(parents, vid) for vid in asked}
+    for vid, chain in expected.items():
         if chain is StoreError:
             with pytest.raises(StoreError):
-                m.chains(asked)
-            return
-        expected[vid] = chain
-    assert m.chains(asked) == expected
+                m.chain(vid)
+        else:
+            assert tuple(m.chain(vid)) == chain
+    if StoreError in expected.values():
+        with pytest.raises(StoreError):
+            m.chains(asked)
+    else:
+        assert m.chains(asked) == expected
 
 
 def test_chain_at_the_depth_limit():
     parents = {f"d{i}": f"d{i - 1}" if i else None for i in range(MAX_CHAIN_DEPTH)}
     m = _manifest(parents)
     top = f"d{MAX_CHAIN_DEPTH - 1}"
-    assert m.chains([top])[top] == tuple(m.chain(top))
+    assert m.chains([top])[top] == tuple(m.chain(top)) == _walk(parents, top)
     m = _manifest(dict(parents, extra=top))
-    for fn in (lambda: m.chain("extra"), lambda: m.chains(["extra"])):
+    # Asked after its parent, "extra" extends a chain already walked.
+    for fn in (lambda: m.chain("extra"), lambda: m.chains(["extra"]),
+               lambda: m.chains([top, "extra"])):
         with pytest.raises(StoreError):
             fn()

@@ -9,9 +9,10 @@ import subprocess
 import pytest
 
 from snapfs.store import Store
-from snapfs.vfs import ROOT_INODE, Vfs
+from snapfs.vfs import Vfs
 from tests.support.mounting import snapfs
 from tests.support.qemu import qemu_img, qemu_io, to_raw_file
+from tests.support.vfstree import path
 
 MiB = 1 << 20
 ONE_PARTITION = "label: dos\n2048,4096,L\n"
@@ -58,13 +59,6 @@ def vfs(layers, store):
     v = Vfs(Store.open(store))
     yield v
     v.close()
-
-
-def path(vfs, *names):
-    node = vfs.node(ROOT_INODE)
-    for name in names:
-        node = vfs.lookup(node.inode, name)
-    return node
 
 
 def shown_parts(vfs, *dirs):

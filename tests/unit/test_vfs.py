@@ -10,6 +10,7 @@ from snapfs.store import Store
 from snapfs.vfs import ROOT_INODE, Vfs
 from tests.support.mounting import snapfs
 from tests.support.qemu import qemu_img, qemu_io
+from tests.support.vfstree import path
 
 
 @pytest.fixture
@@ -27,13 +28,6 @@ def vfs(tmp_path, store):
     v = Vfs(Store.open(store))
     yield v
     v.close()
-
-
-def path(vfs, *names):
-    node = vfs.node(ROOT_INODE)
-    for name in names:
-        node = vfs.lookup(node.inode, name)
-    return node
 
 
 def test_layout(vfs):
