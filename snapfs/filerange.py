@@ -51,7 +51,7 @@ class FileRange:
                     raise
                 n = _copy_through_buffer(self.fd, src, fd, dst, left)
             if n == 0:      # the source ends here: the rest reads as zeros
-                _write_all(fd, bytes(min(left, _FALLBACK_CHUNK)), dst)
+                write_all(fd, bytes(min(left, _FALLBACK_CHUNK)), dst)
                 n = min(left, _FALLBACK_CHUNK)
             src, dst, left = src + n, dst + n, left - n
 
@@ -60,11 +60,12 @@ def _copy_through_buffer(src_fd, src, dst_fd, dst, length):
     """Copy up to one chunk by pread + pwrite; the bytes copied (0 at the
     end of the source)."""
     data = os.pread(src_fd, min(length, _FALLBACK_CHUNK), src)
-    _write_all(dst_fd, data, dst)
+    write_all(dst_fd, data, dst)
     return len(data)
 
 
-def _write_all(fd, data, offset):
+def write_all(fd, data, offset):
+    """pwrite all of ``data`` at ``offset``.  Raises OSError."""
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

@@ -5,7 +5,7 @@ import ctypes.util
 import os
 
 from .faults import crashpoint
-from .filerange import FileRange
+from .filerange import FileRange, write_all
 from .qcow2.writer import Qcow2Writer
 
 _ZERO_CHUNK = bytes(1 << 20)
@@ -20,10 +20,7 @@ class RawWriter:
         self.size = os.fstat(self.fd).st_size
 
     def write(self, offset, data):
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        write_all(self.fd, data, offset)
 
     def copy_from(self, offset, fd, source_offset, length):
         """Write ``length`` bytes of the open file ``fd`` from ``source_offset``
