@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from .errors import ImageError
 from .qcow2.mapping import COMPRESSED, DATA, ZERO
 
-MAX_CHAIN_DEPTH = 64
+# The deepest chain the store keeps: one volume per snapshot, so nightly
+# snapshots kept for almost three years.  Checked before a snapshot or a
+# preview adds a layer (operations.py), and again on every load.  Chains
+# found in imported images have their own, lower limit (discover.py).
+MAX_CHAIN_DEPTH = 1024
 # Clusters a read in the event loop may decompress itself (see Chain.read):
 # a small random read then needs no thread hop, which costs about as much
 # as decompressing one 64 KiB cluster.

@@ -1,19 +1,22 @@
 """``snapfs check``: verify that manifests, volume files, backing links and
-headers agree.  One method per invariant; each problem is one line."""
+headers agree, and that the store's files are private to their owner.  One
+method per invariant; each problem is one line."""
 
 import os
 import shutil
+import stat
 
 from . import manifest as M
 from .chain import Chain
 from .errors import SnapfsError
-from .store import LOCK, MARKER, VMS
+from .store import LOCK, MARKER, TEMPORARY_LEFTOVER, VMS
 from .volume import VolumePool
 
 
 class StoreChecker:
     """Collects problems; with ``repair`` it also removes leftovers (files
-    nothing refers to), reporting each as ``repaired: ...``."""
+    nothing refers to) and tightens loose modes, reporting each as
+    ``repaired: ...``."""
 
     def __init__(self, store, repair=False):
         self.store = store
@@ -48,6 +51,8 @@ class StoreChecker:
                 self.problem(f"{path}: unexpected file in {VMS}/")
                 continue
             self.check_vm(name)
+        # Last: what --repair removed has no mode left to report.
+        self.check_private_modes()
         return self.repaired + self.problems
 
     def check_store_entries(self):
@@ -65,6 +70,7 @@ class StoreChecker:
         if manifest.name != name:
             self.problem(f"{manifest.path}: names VM {manifest.name!r} but lives in {name!r}")
         self.check_volume_files(manifest)
+        self.check_manifest_temporary(manifest)
         self.check_volumes_reachable(manifest)
         pool = VolumePool()
         try:
@@ -79,12 +85,21 @@ class StoreChecker:
 
     def check_volume_files(self, manifest):
         directory = self.store.vm_dir(manifest.name)
-        present = set(os.listdir(directory)) - {M.MANIFEST}
+        present = set(os.listdir(directory)) - {M.MANIFEST, M.TEMPORARY}
         for vid in sorted(manifest.volumes):
             if vid not in present:
                 self.problem(f"{os.path.join(directory, vid)}: volume file is missing")
         for extra in sorted(present - set(manifest.volumes)):
             self.leftover(os.path.join(directory, extra), "leftover file, no manifest refers to it")
+
+    def check_manifest_temporary(self, manifest):
+        """A manifest temp file is no problem: it is never the truth (the
+        manifest is replaced by rename), and read-only check may run beside
+        a mount whose save is in flight.  Left by a killed writer, it is
+        removed when a writer opens the store; --repair removes it too."""
+        path = os.path.join(self.store.vm_dir(manifest.name), M.TEMPORARY)
+        if self.repair and os.path.lexists(path):
+            self.leftover(path, TEMPORARY_LEFTOVER)
 
     def check_volumes_reachable(self, manifest):
         used = manifest.used_volumes()
@@ -142,3 +157,38 @@ class StoreChecker:
                 Chain(pool, self.store.chain_refs(manifest, vid))
             except SnapfsError as e:
                 self.problem(str(e))
+
+    def check_private_modes(self):
+        """Every file and directory of the store is its owner's only (0600,
+        0700): a volume others can read is a VM's disk anyone on the host
+        can copy, however private the mount.  --repair sets the mode."""
+        for directory, dirs, files in os.walk(self.store.path):
+            self._check_mode(directory, M.DIR_MODE)
+            for name in files:
+                self._check_mode(os.path.join(directory, name), M.FILE_MODE)
+
+    def _check_mode(self, path, expected):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:     # removed meanwhile (by a mount's operation)
+            return
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return                    # a symlink's mode means nothing
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o077:
+            return
+        if self.repair:
+            os.chmod(path, expected)
+            self.repaired.append(f"repaired: {path}: mode {mode:04o} -> {expected:04o}")
+            return
+        verbs = _DIR_ACCESS if stat.S_ISDIR(st.st_mode) else _FILE_ACCESS
+        granted = [verb for bits, verb in verbs if mode & bits]
+        access = " and ".join([", ".join(granted[:-1]), granted[-1]] if len(granted) > 1
+                              else granted)
+        self.problem(f"{path}: mode {mode:04o} lets other users {access} it; "
+                     f"expected {expected:04o}")
+
+
+# What a group or other bit of a mode lets other users do.
+_FILE_ACCESS = ((0o044, "read"), (0o022, "write"), (0o011, "execute"))
+_DIR_ACCESS = ((0o044, "list"), (0o022, "write"), (0o011, "enter"))

@@ -3,16 +3,20 @@
 Used only when importing: inside the store, the manifest names every
 volume's parent and format.  A backing name must stay inside the top
 image's directory: absolute names, '..' and symlinks that lead out are
-refused, as are loops and chains deeper than MAX_CHAIN_DEPTH.
+refused, as are loops and chains deeper than MAX_IMPORT_DEPTH.
 """
 
 import os
 from dataclasses import dataclass
 
-from .chain import MAX_CHAIN_DEPTH
 from .errors import ImageError, UnsafeBacking
 from .qcow2.structs import MAGIC
 from .volume import open_volume
+
+# Images from outside the store are untrusted: a hostile chain must not make
+# an import open thousands of files.  The store's own chains may grow deeper
+# (chain.MAX_CHAIN_DEPTH), one layer per snapshot.
+MAX_IMPORT_DEPTH = 64
 
 
 @dataclass
@@ -61,8 +65,8 @@ def discover_chain(top, top_format=None):
         if real in seen:
             raise UnsafeBacking(path, "backing chain loops")
         seen.add(real)
-        if len(layers) >= MAX_CHAIN_DEPTH:
-            raise UnsafeBacking(top, f"backing chain deeper than {MAX_CHAIN_DEPTH} layers")
+        if len(layers) >= MAX_IMPORT_DEPTH:
+            raise UnsafeBacking(top, f"backing chain deeper than {MAX_IMPORT_DEPTH} layers")
         if os.path.isdir(real):
             raise ImageError(path, "is a directory, not a disk image")
         vol = open_volume(path, fmt)

@@ -30,6 +30,20 @@ class InvalidArgument(SnapfsError):
     errno = errno.EINVAL
 
 
+class NameTooLong(InvalidName):
+    errno = errno.ENAMETOOLONG
+
+
+class ChainTooDeep(SnapfsError):
+    """One more layer would make a disk's chain deeper than the store keeps."""
+    errno = errno.EMLINK
+
+
+class PermissionDenied(SnapfsError):
+    """Only the mount's owner (or root) may change snapshots."""
+    errno = errno.EACCES
+
+
 class NotPermitted(SnapfsError):
     """The namespace does not allow this here (e.g. mkdir outside snapshots/)."""
     errno = errno.EPERM

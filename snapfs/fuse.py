@@ -149,8 +149,13 @@ class SnapfsOperations(pyfuse3.Operations):
         return await self._run(lambda: self._attrs(self.vfs.node(inode)))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        # touch control/create is a change: only the owner (an open for
+        # writing is checked in open(), but utimensat() needs no open).
+        self._owner_only(ctx)
+        size = attr.st_size if fields.update_size else None
         touch = fields.update_atime or fields.update_mtime
-        node = await self._run(self._operation(self.vfs.setattr, inode, fields.update_size, touch,
+        other = fields.update_mode or fields.update_uid or fields.update_gid
+        node = await self._run(self._operation(self.vfs.setattr, inode, size, touch, other,
                                                wait_for_kernel=True), limiter=self._operations)
         return await self._run(self._attrs, node)
 
@@ -176,8 +181,10 @@ class SnapfsOperations(pyfuse3.Operations):
         pass
 
     async def forget(self, inode_list):
-        # Inodes live as long as the mount; the kernel's counts need no action.
-        pass
+        # Nodes in the tree live as long as the mount; the ones that left it
+        # are dropped once the kernel forgets them (counts need no tracking:
+        # the kernel forgets a node only when it is done with it).
+        self.vfs.forget([inode for inode, _ in inode_list])
 
     async def statfs(self, ctx):
         st = os.statvfs(self.vfs.store.path)
@@ -204,7 +211,8 @@ class SnapfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._owner_only(ctx)
         handle, node = await self._run(
-            self._operation(self.vfs.create_file, parent_inode, os.fsdecode(name)),
+            self._operation(self.vfs.create_file, parent_inode, os.fsdecode(name),
+                            bool(flags & os.O_TRUNC)),
             limiter=self._operations)
         attrs = await self._run(self._attrs, node)
         return pyfuse3.FileInfo(fh=self._new_fh(handle)), attrs
@@ -228,10 +236,11 @@ class SnapfsOperations(pyfuse3.Operations):
     # -- file contents --------------------------------------------------
 
     async def open(self, inode, flags, ctx):
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable:
+        mode = flags & os.O_ACCMODE
+        writable = mode != os.O_RDONLY
+        if writable or flags & os.O_TRUNC:     # O_TRUNC asks for a change too
             self._owner_only(ctx)
-        handle = await self._run(self.vfs.open, inode, writable)
+        handle = await self._run(self.vfs.open, inode, writable, mode != os.O_WRONLY)
         node = handle.node
         # Immutable views may stay in the page cache across opens; status
         # is made at open and has no fixed size.
@@ -266,11 +275,19 @@ class SnapfsOperations(pyfuse3.Operations):
         await self._run(self.vfs.fsync, self._handle(fh), limiter=self._writers)
 
     async def flush(self, fh):
-        pass
+        # close(): runs a control command left without a newline, or creates
+        # the snapshot a touch opened; the error is close()'s.
+        handle = self._handle(fh)
+        if self.vfs.needs_flush(handle):
+            await self._run(self._operation(self.vfs.flush, handle, wait_for_kernel=True),
+                            limiter=self._operations)
 
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
-        if handle is not None and handle.wrote:
+        if handle is None:
+            return
+        self.vfs.closed(handle)
+        if handle.wrote:
             await self._run(self.vfs.release, handle, limiter=self._writers)
 
 
@@ -300,32 +317,72 @@ def mount_options(store_path, allow_other=False, extra=()):
     return options
 
 
-def serve(vfs, mountpoint, options, ready=None):
+_UNMOUNT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def serve(vfs, mountpoint, options, ready=None, *, on_signal):
     """Mount and serve until unmounted.  ``ready()`` is called once the
-    mount is visible.  Raises OSError / RuntimeError if mounting fails."""
-    ops = SnapfsOperations(vfs)
-    pyfuse3.init(ops, mountpoint, options)
-    clean = False
+    mount is visible.  Raises OSError / RuntimeError if mounting fails.
+
+    SIGTERM, SIGINT and SIGHUP call ``on_signal(signum)`` in a thread while
+    the loop goes on answering requests (an unmount needs them answered).
+    It unmounts, never lazily, and returns True, or returns False when it
+    cannot (the mount is busy) and serving goes on.  Only the kernel ending
+    the connection, that is an unmount, ends serving."""
+    # A signal that arrives before the loop listens (while mounting, in
+    # ready()) waits for it, instead of killing the daemon and leaving the
+    # mount attached and dead.
+    early = []
+    previous = {s: signal.signal(s, lambda signum, _frame: early.append(signum))
+                for s in _UNMOUNT_SIGNALS}
     try:
-        if ready is not None:
-            ready()
-        trio.run(_main)
-        clean = True
+        ops = SnapfsOperations(vfs)
+        pyfuse3.init(ops, mountpoint, options)
+        try:
+            if ready is not None:
+                ready()
+            trio.run(_main, on_signal, early)
+        finally:
+            # Never unmount here: fuse_session_unmount() detaches lazily
+            # (umount2 MNT_DETACH, or fusermount3 -u -z), which cuts open
+            # files and loop devices off with ENOTCONN.  pyfuse3.main()
+            # returns only once the kernel has ended the connection (the
+            # mount is gone, or was aborted).  After an error the mount may
+            # be in use; it stays visible (answering ENOTCONN) until
+            # someone unmounts it, rather than vanishing under its users.
+            pyfuse3.close(unmount=False)
     finally:
-        pyfuse3.close(unmount=clean)
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
-async def _main():
-    """Serve until unmounted, or until SIGTERM/SIGINT/SIGHUP, which unmount."""
+async def _main(on_signal, early):
+    """Serve until unmounted; SIGTERM/SIGINT/SIGHUP ask for an unmount."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(_unmount_on_signal, on_signal, early)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signal():
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+async def _unmount_on_signal(on_signal, early):
+    """Each signal is one attempt to unmount (``early`` holds signals that
+    came before this listened; one attempt answers them all)."""
+    with trio.open_signal_receiver(*_UNMOUNT_SIGNALS) as signals:
+        if early and await _try_unmount(on_signal, early[-1]):
+            await trio.sleep_forever()
         async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
-            return
+            if await _try_unmount(on_signal, signum):
+                # pyfuse3.main() returns as soon as the kernel ends the
+                # connection, which cancels this task.  Until then the
+                # receiver stays open, so that another signal cannot kill
+                # the daemon half-way through its exit.
+                await trio.sleep_forever()
+
+
+async def _try_unmount(on_signal, signum):
+    log.info("signal %d: unmounting", signum)
+    try:
+        return await trio.to_thread.run_sync(on_signal, signum)
+    except Exception:   # a failed attempt must not take the mount down
+        log.exception("signal %d: cannot unmount", signum)
+        return False

@@ -8,10 +8,13 @@ has a volume for every disk.
 
 The VM is assembled in a hidden staging directory and renamed into place
 with its manifest, so a failed or interrupted import leaves no VM behind.
+Like every store file, the volumes are 0600 (moved images are chmodded,
+and get their mode back if the import fails) and the directory 0700.
 """
 
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -107,8 +110,8 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
     created = [_mtime_utc(imaged[0].layers[i].path) if imaged else now_utc()
                for i in range(count)]
     staging = os.path.join(store.vms_dir, f".import-{uuid.uuid4()}")
-    os.mkdir(staging)
-    moved = []   # (store path, original path) to put back on failure
+    M.private_dir(staging)
+    moved = []   # (store path, layer, original mode) to put back on failure
     try:
         volumes, chains = {}, {}
         for src in sources:
@@ -132,10 +135,13 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
         manifest.path = os.path.join(target, M.MANIFEST)
         return manifest
     except BaseException:
-        for inside, layer in reversed(moved):
+        for inside, layer, mode in reversed(moved):
             if layer.backing:
                 set_backing(inside, layer.backing, layer.backing_format)
             os.rename(inside, layer.path)
+            # Unchanged if the chmod in was what failed (not the owner's file).
+            if stat.S_IMODE(os.stat(layer.path).st_mode) != mode:
+                os.chmod(layer.path, mode)
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
@@ -167,9 +173,15 @@ def _build_disk(src, count, staging, volumes, move, moved, progress):
         return ids
     for layer in src.layers:
         vid, path = add(layer.format)
-        if move and os.stat(layer.path).st_dev == os.stat(staging).st_dev:
+        st = os.lstat(layer.path) if move else None
+        # A symlink is copied, as a file on another filesystem is: moved,
+        # it would put a link to a file outside into the store.
+        if move and stat.S_ISREG(st.st_mode) and st.st_dev == os.stat(staging).st_dev:
             os.rename(layer.path, path)
-            moved.append((path, layer))
+            moved.append((path, layer, stat.S_IMODE(st.st_mode)))
+            # The image keeps its inode, so its mode: 0644 from a umask of
+            # 022 would let any local user read the disk in the store.
+            os.chmod(path, M.FILE_MODE)
         else:
             copy_file(layer.path, path, progress=progress)
         if layer.format == "qcow2" and parent is not None:

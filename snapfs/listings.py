@@ -7,12 +7,11 @@ I/O; snapfs.vfs calls them under its lock, from worker threads.
 """
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from .chain import VolumeRef
-from .errors import SnapfsError
+from .errors import NotFound, SnapfsError
 from .nodes import (
     ACTIVE_MODE, CONTROL_COMMANDS, CONTROL_MODE, DIR_MODE, LINK_MODE, MUTABLE_TIMEOUT,
     SNAPSHOTS_DIR_MODE, STATUS_MODE, VIEW_MODE, VmState,
@@ -45,6 +44,10 @@ class Listings:
             if isinstance(manifest, BaseException):
                 raise manifest
             vm = VmState(name, manifest)
+            # Every disk has its slot from the start: an operation holds the
+            # slots of the disks it changes (MountUsers.hold), listed or not.
+            for disk in manifest.disks:
+                vm.active[disk] = ActiveSlot(self.active_disk(vm, disk))
             specs.append(dict(name=name, mode=DIR_MODE, mtime_ns=self.time(manifest.created),
                               timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda vm=vm: self.vm(vm)))
         return specs
@@ -53,7 +56,7 @@ class Listings:
         mtime = self.time(vm.manifest.created)
         specs = [
             dict(name="active", mode=DIR_MODE, mtime_ns=mtime, timeout=MUTABLE_TIMEOUT, vm=vm,
-                 key=self.active_key(vm), lister=lambda: self.active(vm)),
+                 lister=lambda: self.active(vm)),
             dict(name="snapshots", mode=SNAPSHOTS_DIR_MODE, mtime_ns=mtime,
                  timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda: self.snapshots(vm)),
             dict(name="control", mode=DIR_MODE, mtime_ns=mtime, vm=vm,
@@ -78,11 +81,14 @@ class Listings:
 
     def snapshots(self, vm):
         specs = []
-        chains = vm.manifest.chains([v for s in vm.manifest.snapshots for v in s.volumes.values()])
         for snap in vm.manifest.snapshots:
+            # Keyed by id, not by name or chain: a renamed snapshot keeps its
+            # inode, as the kernel moves its cached entry, and so does one
+            # whose chain a merge changed, since its bytes did not change
+            # (its views are retargeted: Vfs._retarget_views).
             specs.append(dict(name=snap.name, mode=DIR_MODE, mtime_ns=self.time(snap.created),
-                              vm=vm, key=self._snapshot_key(vm, snap, chains),
-                              lister=lambda s=snap: self._disks(vm, s.volumes, s)))
+                              vm=vm, key=("snapshot", snap.id),
+                              lister=lambda s=snap: self._snapshot_disks(vm, s.id)))
         if vm.manifest.snapshots:
             newest = vm.manifest.snapshots[-1]
             specs.append(dict(name="latest", mode=LINK_MODE, timeout=MUTABLE_TIMEOUT,
@@ -92,15 +98,12 @@ class Listings:
         return specs
 
     def active(self, vm):
-        m = vm.manifest
-        for disk in m.disks:
-            if disk not in vm.active:
-                vm.active[disk] = ActiveSlot(self.active_disk(vm, disk), vm.io_lock)
         specs = []
-        for disk in m.disks:
+        for disk in vm.manifest.disks:
             slot = vm.active[disk]
             specs.append(dict(name=f"{disk}.raw", mode=ACTIVE_MODE, mtime_ns=self.mount_time_ns,
-                              view=slot, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT))
+                              view=slot, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT,
+                              owner=("active-write", disk)))
             for part in self.active_partitions(vm, slot):
                 specs.append(self.active_partition(vm, slot, disk, part))
         return specs
@@ -108,11 +111,8 @@ class Listings:
     def active_partition(self, vm, slot, disk, part):
         return dict(name=f"{disk}-part{part.number}.raw", mode=ACTIVE_MODE,
                     mtime_ns=self.mount_time_ns, vm=vm, immutable=False,
-                    timeout=MUTABLE_TIMEOUT, view=PartitionView(slot, part.start, part.length))
-
-    def active_key(self, vm):
-        m = vm.manifest
-        return tuple(tuple(m.chain(m.active[d])) for d in m.disks)
+                    timeout=MUTABLE_TIMEOUT, view=PartitionView(slot, part.start, part.length),
+                    owner=("active-write", disk))
 
     def active_disk(self, vm, disk):
         return ActiveDisk(self.pool, self._chain_refs(vm, vm.manifest.active[disk]))
@@ -137,13 +137,25 @@ class Listings:
         return chain_partitions(self.pool, vm.partitions, disk.refs, read_chain,
                                 remember_top=False, parallel_map=self._map)
 
-    def forget(self, vm):
-        """The VM's volumes changed on disk (merged, relinked, deleted)."""
+    def forget(self, vm, volume_ids):
+        """Volumes of the VM changed on disk (written, merged into, deleted):
+        drop what is known of them.  The others stay open, with their maps."""
+        paths = {self.store.volume_path(vm.name, vid) for vid in volume_ids}
         vm.refs = {v: r for v, r in vm.refs.items() if v in vm.manifest.volumes}
+        # Partition tables found through chains are cheap to find again.
         vm.partitions = {}
-        self.pool.forget(self.store.vm_dir(vm.name))
-        prefix = os.path.join(self.store.vm_dir(vm.name), "")
-        self._opened = {p for p in self._opened if not p.startswith(prefix)}
+        self.pool.forget_paths(paths)
+        self._opened -= paths
+
+    def prime(self, vm, volume_ids):
+        """Open volumes and read their maps before an operation writes them."""
+        for vid in volume_ids:
+            info = vm.manifest.volumes.get(vid)
+            if info is not None:
+                self.pool.prime(self.store.volume_path(vm.name, vid), info["format"])
+
+    def chain_refs(self, vm, volume_id):
+        return self._chain_refs(vm, volume_id)
 
     def close(self):
         if self._opener is not None:
@@ -157,11 +169,6 @@ class Listings:
 
     # -- snapshot views ----------------------------------------------------------
 
-    def _snapshot_key(self, vm, snap, chains):
-        # Not the name: a renamed snapshot keeps its inode, as the kernel
-        # moves its cached entry; snapshot.json is made when opened.
-        return (snap.id, tuple(chains[snap.volumes[d]] for d in vm.manifest.disks))
-
     def _chain_refs(self, vm, volume_id):
         """Store.chain_refs, with the VolumeRefs shared across the VM's chains."""
         m, refs = vm.manifest, vm.refs
@@ -174,19 +181,30 @@ class Listings:
             chain.append(ref)
         return chain
 
+    def _snapshot_disks(self, vm, snapshot_id):
+        """The files of a snapshot's directory, from the manifest as it is
+        now.  Raises NotFound if the snapshot is gone (a stale directory)."""
+        snap = next((s for s in vm.manifest.snapshots if s.id == snapshot_id), None)
+        if snap is None:
+            raise NotFound("the snapshot was deleted")
+        return self._disks(vm, snap.volumes, snap)
+
     def _disks(self, vm, volumes, snapshot):
         m = vm.manifest
         mtime = self.time(snapshot.created) if snapshot else self.mount_time_ns
+        owner = ("snapshot", snapshot.id) if snapshot else ("before-preview",)
         specs, views = [], {}
         for disk in m.disks:
             view = DiskView(self.pool, self._chain_refs(vm, volumes[disk]))
-            specs.append(dict(name=f"{disk}.raw", mode=VIEW_MODE, mtime_ns=mtime, view=view, vm=vm))
-            views[disk] = (volumes[disk], view)
+            specs.append(dict(name=f"{disk}.raw", mode=VIEW_MODE, mtime_ns=mtime, view=view, vm=vm,
+                              owner=owner))
+            views[disk] = view
             for part in self._view_partitions(vm, view):
                 specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=VIEW_MODE,
-                                  mtime_ns=mtime, vm=vm,
+                                  mtime_ns=mtime, vm=vm, owner=owner,
                                   view=PartitionView(view, part.start, part.length)))
         if snapshot is not None:
+            vm.snapshot_views[snapshot.id] = views
             specs.append(dict(name="snapshot.json", mode=VIEW_MODE, mtime_ns=mtime, vm=vm,
                               immutable=False, timeout=MUTABLE_TIMEOUT,
                               render=SnapshotJson(vm, snapshot.id, views)))

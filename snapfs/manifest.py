@@ -26,13 +26,13 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
+from .chain import MAX_CHAIN_DEPTH
 from .errors import StoreError
 from .names import check_disk_name, check_name, check_snapshot_name
 
 FORMAT = "snapfs-vm"
 VERSION = 1
 MANIFEST = "manifest.json"
-MAX_CHAIN_DEPTH = 64
 
 
 @dataclass
@@ -197,19 +197,34 @@ def load_file(f, path):
 
 
 def save(manifest, path):
-    """Replace the manifest at ``path`` atomically and durably."""
+    """Replace the manifest at ``path`` atomically and durably.
+
+    The new manifest is written to a temp file that is renamed over the
+    old one; if anything fails before the rename, the temp file is removed
+    and the old manifest stays.  Raises OSError."""
     directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".{MANIFEST}.tmp")
+    tmp = os.path.join(directory, TEMPORARY)
     # No indent: json encodes in C only without one, 3-4x faster for a VM
     # with many snapshots, and each snapshot operation saves twice.
     data = json.dumps(manifest.to_json(), sort_keys=True).encode() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            # O_CREAT's mode passes through the umask, which may take bits
+            # from the owner too; an old temp file keeps its mode.
+            os.fchmod(fd, FILE_MODE)
+            # A write to a filling disk may stop short without an error: a
+            # manifest renamed in with its tail missing would be unreadable.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     fsync_dir(directory)
     manifest.path = str(path)
 
@@ -220,3 +235,31 @@ def fsync_dir(directory):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- privacy of the store's files ----------------------------------------------
+
+# Every file snapfs creates in a store is its owner's only, as libvirt keeps
+# its images: a volume is a whole VM disk, readable with qemu-img by anyone
+# who can open it, however private the mount is.  Explicit modes, then
+# fchmod/chmod, because the umask applies to the mode given at creation.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+# The temp file ``save`` renames over the manifest.  It is never the truth:
+# a leftover (from a kill between write and rename) is only removed.
+TEMPORARY = f".{MANIFEST}.tmp"
+
+
+def private_dir(path):
+    """Create the directory ``path``, mode 0700 whatever the umask.
+    Raises FileExistsError if it exists, OSError."""
+    os.mkdir(path, DIR_MODE)
+    os.chmod(path, DIR_MODE)
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:      # gone already, or the error being raised says more
+        pass

@@ -8,12 +8,13 @@ child holds the store's writer lock for as long as the mount lives.
 import logging
 import os
 import resource
+import signal
 import subprocess
 import threading
 import time
 
-from .errors import InvalidArgument, SnapfsError, StoreError
-from .store import Store
+from .errors import Busy, InvalidArgument, SnapfsError, StoreError
+from .store import Store, private_file
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def _setup_daemon_logging(log_file, debug):
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.FileHandler(log_file)
+    # The log names VMs and snapshots: private, like the rest of the store.
+    handler = logging.StreamHandler(private_file(log_file))
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -127,7 +129,9 @@ def _serve(store, mountpoint, allow_other, extra, ready):
                 if ready is not None:
                     ready()
 
-            serve(vfs, mountpoint, options, ready=on_mounted)
+            serve(vfs, mountpoint, options, ready=on_mounted,
+                  on_signal=lambda signum: _unmount_on_signal(mountpoint, signum,
+                                                              foreground=ready is None))
         except RuntimeError as e:
             raise StoreError(f"{mountpoint}: cannot mount: {e}") from None
         log.info("unmounted %s", mountpoint)
@@ -198,15 +202,50 @@ def umount(mountpoint):
     if store_path is None:
         raise InvalidArgument(f"{mountpoint}: no snapfs store is mounted here")
     holder_pid = _lock_holder_pid(store_path)
-    tool = "fusermount3" if _which("fusermount3") else "fusermount"
-    result = subprocess.run([tool, "-u", os.path.realpath(mountpoint)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        msg = result.stderr.strip().splitlines()
-        raise StoreError(f"{mountpoint}: cannot unmount: {msg[-1] if msg else 'busy'}")
+    unmount_once(mountpoint)
     deadline = time.monotonic() + UMOUNT_WAIT_SECONDS
     while holder_pid and _alive(holder_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def unmount_once(mountpoint):
+    """One normal unmount, never a lazy one: the kernel refuses it (Busy)
+    while a file, a loop device or a working directory inside is in use,
+    so nothing that uses the mount is cut off with ENOTCONN."""
+    tool = "fusermount3" if _which("fusermount3") else "fusermount"
+    # The C locale, so that the reason can be recognised in the message.
+    result = subprocess.run([tool, "-u", os.path.realpath(mountpoint)],
+                            capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    if result.returncode != 0:
+        msg = result.stderr.strip().splitlines()
+        reason = msg[-1] if msg else "busy"
+        error = Busy if "busy" in reason.lower() else StoreError
+        raise error(f"{mountpoint}: cannot unmount: {reason}")
+
+
+def _unmount_on_signal(mountpoint, signum, foreground):
+    """SIGINT, SIGTERM or SIGHUP asks the daemon to unmount, which it does
+    as ``snapfs umount`` would: only if nothing uses the mount.  While
+    something does, it says so and goes on serving; the next signal tries
+    again.  Runs in a thread while the event loop answers FUSE requests
+    (the unmount needs them answered).  True if the mount is gone."""
+    name = signal.Signals(signum).name
+    try:
+        unmount_once(mountpoint)
+    except Busy:
+        again = ("press Ctrl-C again" if foreground and signum == signal.SIGINT
+                 else f"send {name} again (kill -{name[3:]} {os.getpid()})")
+        # One warning: on stderr for a foreground mount, in the log file
+        # for a background one.
+        log.warning("%s is busy (a file, loop device or working directory in it is in use); "
+                    "not unmounting. Close them and %s, or run 'snapfs umount %s'.",
+                    mountpoint, again, mountpoint)
+        return False
+    except (SnapfsError, OSError) as e:
+        log.warning("%s; still serving %s", e, mountpoint)
+        return False
+    log.info("unmounted %s on %s", mountpoint, name)
+    return True
 
 
 def _lock_holder_pid(store_path):

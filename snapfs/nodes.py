@@ -40,6 +40,10 @@ class Node:
     vm: object = None                     # VmState of the VM this node belongs to
     key: object = None                    # what it shows, to keep it across refreshes
     size: int = 0
+    # Whose bytes a view shows, for the operations that must not change
+    # them while they are open: ("snapshot", id) or ("before-preview",).
+    owner: tuple | None = None
+    stale: bool = False                   # left the tree: opens fail, views let go
 
     @property
     def is_dir(self):
@@ -52,6 +56,15 @@ class Handle:
     node: Node
     data: bytes | None = None             # control/status as of open()
     wrote: bool = False
+    # What this open keeps from changing (VmState.open_views), if anything.
+    use: tuple | None = None
+    # Control files: bytes of a command line not complete yet, and the
+    # error that ended this open's commands (every later write gets it).
+    pending: bytearray = field(default_factory=bytearray)
+    error: Exception | None = None
+    # ``touch snapshots/NAME``: the snapshot is made when the file is
+    # closed without a write (a write means ``cp`` or ``>``: refused).
+    creating: str | None = None
 
 
 @dataclass
@@ -60,13 +73,21 @@ class VmState:
     manifest: object
     inode: int = 0
     op_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Held by writes to the active disks and by operations (re-entrant:
-    # an operation flushes the disks while holding it).
-    io_lock: threading.RLock = field(default_factory=threading.RLock)
     running: dict | None = None
     last_error: dict | None = None
     stale_pages: bool = False        # the active leaves changed under the page cache
     active: dict = field(default_factory=dict)    # disk -> ActiveSlot
+    # Open files that an operation must not change under their readers:
+    # ("snapshot", id), ("before-preview",) and ("active-write", disk) ->
+    # number of opens; guarded by ``uses_changed``, notified at each release.
+    open_views: dict = field(default_factory=dict)
+    uses_changed: threading.Condition = field(default_factory=threading.Condition)
+    # Uses an operation has claimed (it is removing or switching them):
+    # new opens of those are refused until the operation ends.
+    claimed: set = field(default_factory=set)
+    # snapshot id -> {disk: DiskView}: the views of snapshots listed so
+    # far, retargeted when a merge changes their chain (same bytes).
+    snapshot_views: dict = field(default_factory=dict)
     # volume id -> VolumeRef, shared by every chain of the VM (a VM of 20
     # snapshots has ~200 chain entries; a volume's path and format never change)
     refs: dict = field(default_factory=dict)

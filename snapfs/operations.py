@@ -17,17 +17,19 @@ ENOENT unknown snapshot, EEXIST name taken, EINVAL bad name or no preview,
 EBUSY a preview is open or QEMU holds a volume, ENOSPC not enough space.
 """
 
+import contextlib
 import logging
 import os
 import uuid
 from datetime import datetime, timezone
 
-from .errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from .chain import MAX_CHAIN_DEPTH
+from .errors import AlreadyExists, Busy, ChainTooDeep, InvalidArgument, NotFound
 from .faults import crashpoint
 from .inuse import held_by_qemu
 from .manifest import Snapshot, fsync_dir
 from .merge import check_space, execute_merge, plan_merge
-from .names import check_snapshot_name
+from .names import check_description, check_snapshot_name
 from .qcow2.create import create_image, set_backing
 from .volume import VolumePool, open_volume
 
@@ -42,24 +44,95 @@ def default_snapshot_name():
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
 
 
+# What an operation may change under a reader, named for ``Users``.
+def snapshot_use(snapshot_id):
+    return ("snapshot", snapshot_id)
+
+
+BEFORE_PREVIEW_USE = ("before-preview",)
+
+
+def active_write_use(disk):
+    return ("active-write", disk)
+
+
+class Users:
+    """Who else uses a VM's volumes while an operation runs.  Outside a
+    mount nobody does (the CLI holds the store's lock): this class.  A
+    mount answers for its open files and its writers to the active disks
+    (snapfs/uses.py)."""
+
+    def refuse_if_open(self, uses, what):
+        """Raise Busy if any of ``uses`` (see ``snapshot_use``...) is open;
+        else keep them from being opened until the operation ends.
+        ``what`` says what would change them, for the message."""
+
+    def hold(self, disks):
+        """A context in which nothing but the operation writes ``disks``
+        (their active writers flushed and waiting)."""
+        return contextlib.nullcontext()
+
+    def writing(self, volume_ids):
+        """The operation is about to write these volumes' files itself."""
+
+
+def check_depth(m, parents):
+    """Refuse, before anything is written, a layer on ``parents`` (disk ->
+    volume) that would make a chain deeper than the store keeps: every
+    load of the VM would fail after it."""
+    for disk in m.disks:
+        depth = len(m.chain(parents[disk])) + 1
+        if depth > MAX_CHAIN_DEPTH:
+            raise ChainTooDeep(f"VM {m.name}: disk {disk} would have {depth} layers, more than "
+                               f"the {MAX_CHAIN_DEPTH} snapfs keeps; delete a snapshot first")
+
+
+def refuse_create(m, name, description=""):
+    """Raise what creating snapshot ``name`` of the VM of manifest ``m``
+    would raise (EINVAL, EEXIST, EBUSY, EMLINK), writing nothing."""
+    check_snapshot_name(name)
+    check_description(description)
+    if m.preview:
+        raise Busy(f"VM {m.name} has a preview open; commit or undo it first")
+    if m.snapshot(name):
+        raise AlreadyExists(f"VM {m.name} already has a snapshot named {name!r}")
+    check_depth(m, m.active)
+
+
+def changed_volumes(old, new):
+    """Ids of the volumes whose files may have changed between manifests
+    ``old`` and ``new`` of one VM: the ones dropped, the active leaves of
+    ``old`` (written until then), and the targets of a merge that moved
+    on.  Every other volume's file, and what was read of it, stays valid."""
+    changed = set(old.volumes) - set(new.volumes)
+    changed.update(old.active.values())
+    op = old.operation
+    if op and op.get("op") == "delete" and op.get("phase") == "merge" and new.operation != op:
+        for plan in op["disks"].values():
+            changed.add(plan["b"] if plan["direction"] == "commit" else plan["c"])
+    return changed
+
+
 class VmOperations:
     """Operations on VM ``vm`` of ``store``.  ``progress(done, total)`` is
     called while a merge moves data; ``on_saved(manifest)`` after every
     manifest switch, before any file the switch dropped is deleted (a mount
     follows the new manifest at once)."""
 
-    def __init__(self, store, vm, progress=None, on_saved=None):
+    def __init__(self, store, vm, progress=None, on_saved=None, users=None):
         self.store = store
         self.vm = vm
         self.progress = progress
         self.on_saved = on_saved
+        self.users = users or Users()
 
     # -- helpers ------------------------------------------------------------
 
     def _load(self):
         m = self.store.load_vm(self.vm)
         if m.operation is not None:
-            recover_vm(self.store, m, self._save)
+            with self.users.hold(m.disks):
+                recover_vm(self.store, m, self._save, self.users)
             m = self.store.load_vm(self.vm)
         return m
 
@@ -92,6 +165,7 @@ class VmOperations:
 
     def _new_overlays(self, m, parents, op):
         """Record, then create and fsync, one overlay per disk on ``parents``."""
+        check_depth(m, parents)
         new = {disk: str(uuid.uuid4()) for disk in m.disks}
         m.operation = {"op": op, "new": new}
         self._save(m)
@@ -121,20 +195,18 @@ class VmOperations:
     def create(self, name=None, description=""):
         name = check_snapshot_name(name or default_snapshot_name())
         m = self._load()
-        if m.preview:
-            raise Busy(f"VM {self.vm} has a preview open; commit or undo it first")
-        if m.snapshot(name):
-            raise AlreadyExists(f"VM {self.vm} already has a snapshot named {name!r}")
+        refuse_create(m, name, description)
         self._refuse_if_in_use(m, m.active.values())
-        for vid in m.active.values():
-            _fsync_file(self._path(vid))     # what the snapshot freezes is on disk
-        old = dict(m.active)
-        m.active = self._new_overlays(m, old, "create")
-        snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(), old)
-        m.snapshots.append(snap)
-        m.operation = None
-        m.last_operation = {"op": "create", "snapshot": name, "finished": utc_now()}
-        self._save(m)
+        with self.users.hold(m.disks):
+            for vid in m.active.values():
+                _fsync_file(self._path(vid))     # what the snapshot freezes is on disk
+            old = dict(m.active)
+            m.active = self._new_overlays(m, old, "create")
+            snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(), old)
+            m.snapshots.append(snap)
+            m.operation = None
+            m.last_operation = {"op": "create", "snapshot": name, "finished": utc_now()}
+            self._save(m)
         crashpoint("create:done")
         return snap
 
@@ -152,18 +224,25 @@ class VmOperations:
         crashpoint("rename:done")
         return snap
 
+    def _refuse_if_writers(self, m, also=(), what="switching the active state"):
+        """A leaf switched under a mounted filesystem corrupts it: refuse
+        while an active view is open for writing (RHV wants the VM down)."""
+        self.users.refuse_if_open([active_write_use(d) for d in m.disks] + list(also), what)
+
     def preview(self, name):
         m = self._load()
         if m.preview:
             raise Busy(f"VM {self.vm} already has a preview open")
         snap = self._snapshot(m, name)
         self._refuse_if_in_use(m, m.active.values())
-        before = dict(m.active)
-        m.active = self._new_overlays(m, snap.volumes, "preview")
-        m.preview = {"snapshot": snap.id, "before": before}
-        m.operation = None
-        m.last_operation = {"op": "preview", "snapshot": name, "finished": utc_now()}
-        self._save(m)
+        self._refuse_if_writers(m, what=f"previewing {name}")
+        with self.users.hold(m.disks):
+            before = dict(m.active)
+            m.active = self._new_overlays(m, snap.volumes, "preview")
+            m.preview = {"snapshot": snap.id, "before": before}
+            m.operation = None
+            m.last_operation = {"op": "preview", "snapshot": name, "finished": utc_now()}
+            self._save(m)
         crashpoint("preview:done")
 
     def commit(self):
@@ -174,13 +253,16 @@ class VmOperations:
         self._refuse_if_in_use(m, list(m.active.values()) + list(m.preview["before"].values()))
         index = next(i for i, s in enumerate(m.snapshots) if s.id == m.preview["snapshot"])
         name = m.snapshots[index].name
-        dropped = [s.name for s in m.snapshots[index + 1:]]
+        newer = m.snapshots[index + 1:]
+        self._refuse_if_writers(m, [BEFORE_PREVIEW_USE] + [snapshot_use(s.id) for s in newer],
+                                what="committing the preview")
         m.snapshots = m.snapshots[:index + 1]
         m.preview = None
         doomed = set(m.volumes) - m.used_volumes()
-        self._drop_volumes(m, "commit", doomed, {"op": "commit", "snapshot": name,
-                                                 "deleted_snapshots": dropped,
-                                                 "finished": utc_now()})
+        with self.users.hold(m.disks):
+            self._drop_volumes(m, "commit", doomed, {"op": "commit", "snapshot": name,
+                                                     "deleted_snapshots": [s.name for s in newer],
+                                                     "finished": utc_now()})
 
     def undo(self):
         """End the preview: the previous active leaves are active again."""
@@ -188,10 +270,13 @@ class VmOperations:
         if not m.preview:
             raise InvalidArgument(f"VM {self.vm} has no preview open")
         self._refuse_if_in_use(m, m.active.values())
+        # before-preview's bytes become active again, and change.
+        self._refuse_if_writers(m, [BEFORE_PREVIEW_USE], what="undoing the preview")
         m.active = dict(m.preview["before"])
         m.preview = None
         doomed = set(m.volumes) - m.used_volumes()
-        self._drop_volumes(m, "undo", doomed, {"op": "undo", "finished": utc_now()})
+        with self.users.hold(m.disks):
+            self._drop_volumes(m, "undo", doomed, {"op": "undo", "finished": utc_now()})
 
     def delete(self, name):
         """Merge the snapshot's volumes away; every other view is unchanged.
@@ -214,6 +299,10 @@ class VmOperations:
         involved = [v for p in plans for v in (p.b, p.c, p.d) if v]
         self._refuse_if_in_use(m, involved)
         check_space(self.store.vm_dir(self.vm), plans)
+        # Its views would change under their readers (a commit-direction
+        # merge writes the deleted snapshot's own volume): refuse, as ZFS
+        # refuses to destroy a busy snapshot.
+        self.users.refuse_if_open([snapshot_use(snap.id)], f"deleting {name}")
         m.snapshots.remove(snap)
         m.operation = {"op": "delete", "phase": "merge", "snapshot": snap.to_json(),
                        "disks": {p.disk: p.to_json() for p in plans}}
@@ -224,7 +313,7 @@ class VmOperations:
     def finish_delete(self, started):
         """Steps 2-5: move the data, relink, switch the manifest, clean up."""
         m, plans = started
-        return _finish_delete(self.store, m, plans, self.progress, self._save)
+        return _finish_delete(self.store, m, plans, self.progress, self._save, self.users)
 
 
 # -- finishing and recovery ---------------------------------------------------
@@ -249,11 +338,31 @@ def _finish_deletions(store, m, save=None):
     (save or store.save_vm)(m)
 
 
-def _finish_delete(store, m, plans, progress=None, save=None):
-    """Steps 2-5 of a delete; safe to run again after a crash at any point."""
+def _finish_delete(store, m, plans, progress=None, save=None, users=None):
+    """Steps 2-5 of a delete; safe to run again after a crash at any point.
+    Each disk is held (``Users.hold``) from its merge to the end: its
+    active leaf is merged into or relinked, and must not be written until
+    the mount follows the new manifest.  The other disks stay writable
+    until their turn."""
+    users = users or Users()
+    with contextlib.ExitStack() as held:
+        _merge_and_switch(store, m, plans, progress, save, users, held)
+    _finish_deletions(store, m, save)        # step 5
+    log.info("deleted snapshot %s of %s: %s", m.last_operation["snapshot"], m.name,
+             m.last_operation["disks"])
+    return m.last_operation
+
+
+def _merge_and_switch(store, m, plans, progress, save, users, held):
     total = sum(p.bytes for p in plans)
     moved_before = 0
-    for plan in plans:
+    for i, plan in enumerate(plans):
+        held.enter_context(users.hold([plan.disk]))
+        # The disk's active leaf may have been written since the plan was
+        # made (a mount holds a disk only from its turn): plan again from
+        # the files as they are now, in the recorded direction.
+        plan = plans[i] = _replan(store, m, plan)
+        users.writing([plan.b if plan.direction == "commit" else plan.c])
         report = (lambda done, base=moved_before: progress(base + done, total)) if progress else None
         execute_merge(store, m, plan, report)
         moved_before += plan.bytes
@@ -287,9 +396,18 @@ def _finish_delete(store, m, plans, progress=None, save=None):
     m.last_operation = record
     (save or store.save_vm)(m)
     crashpoint("delete:switched")
-    _finish_deletions(store, m, save)        # step 5
-    log.info("deleted snapshot %s of %s: %s", snapshot_name, m.name, record["disks"])
-    return record
+
+
+def _replan(store, m, plan):
+    pool = VolumePool()
+    try:
+        new = plan_merge(store, m, plan.disk, plan.b, pool, direction=plan.direction)
+    finally:
+        pool.close()
+    # A merge that resumes finds less left to copy than it moved in all:
+    # the record keeps the larger figure.
+    new.bytes = max(new.bytes, plan.bytes)
+    return new
 
 
 def _replace_volume(m, old, new):
@@ -302,7 +420,7 @@ def _replace_volume(m, old, new):
             m.active[disk] = new
 
 
-def recover_vm(store, m, save=None):
+def recover_vm(store, m, save=None, users=None):
     """Finish or roll back the operation recorded in ``m``.  Returns a line
     saying what was done, or None if nothing was pending."""
     op = m.operation
@@ -327,7 +445,7 @@ def recover_vm(store, m, save=None):
             pool.close()
         for plan in plans:
             plan.bytes = op["disks"][plan.disk]["bytes"]
-        _finish_delete(store, m, plans, save=save)
+        _finish_delete(store, m, plans, save=save, users=users)
         return f"{m.name}: finished an interrupted delete of {op['snapshot']['name']}"
     _finish_deletions(store, m, save)
     return f"{m.name}: finished an interrupted {kind}"
@@ -338,7 +456,9 @@ def recover(store):
 
     The manifests with nothing to recover stay with the store for one
     ``take_loaded`` each: a mount lists them next (Store.load_vms)."""
-    done = []
+    done = store.remove_temporaries()
+    for line in done:
+        log.warning("%s", line)
     for name, m in store.load_vms(keep=True):
         if isinstance(m, Exception):   # reported by check; nothing to recover
             continue

@@ -33,7 +33,7 @@ class SnapshotJson:
             raise NotFound("the snapshot was deleted")
         doc = snap.to_json()
         doc["volumes"] = {
-            disk: {"volume": vid, "chain": [os.path.basename(r.path) for r in view.refs],
-                   "size": view.size}
-            for disk, (vid, view) in self.views.items()}
+            disk: {"volume": os.path.basename(view.refs[-1].path),
+                   "chain": [os.path.basename(r.path) for r in view.refs], "size": view.size}
+            for disk, view in self.views.items()}
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()

@@ -9,12 +9,16 @@ Layout::
 
 A qcow2 volume's backing name is its parent's bare UUID, with the format
 always recorded.  Readers need no lock: manifests are replaced atomically.
+
+Everything snapfs creates in a store is its owner's only: files 0600,
+directories 0700, whatever the umask (``snapfs check`` flags looser modes).
 """
 
 import fcntl
 import json
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 
@@ -28,6 +32,7 @@ STORE_FORMAT = "snapfs-store"
 STORE_VERSION = 1
 VMS = "vms"
 LOCK = "lock"
+TEMPORARY_LEFTOVER = "left by an interrupted manifest update"
 
 
 class Store:
@@ -50,10 +55,18 @@ class Store:
                 if os.path.exists(os.path.join(path, MARKER)):
                     raise StoreError(f"{path}: is already a snapfs store")
                 raise StoreError(f"{path}: directory is not empty")
-        os.makedirs(os.path.join(path, VMS), exist_ok=True)
+        # The parents are the user's, made as the umask says; the store
+        # itself (a new directory, or the empty one given) becomes private.
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.mkdir(path, M.DIR_MODE)
+        except FileExistsError:
+            pass
+        os.chmod(path, M.DIR_MODE)
+        M.private_dir(os.path.join(path, VMS))
         marker = {"format": STORE_FORMAT, "version": STORE_VERSION, "id": str(uuid.uuid4())}
         tmp = os.path.join(path, f".{MARKER}.tmp")
-        with open(tmp, "w") as f:
+        with _open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as f:
             json.dump(marker, f, indent=2)
             f.write("\n")
             f.flush()
@@ -97,7 +110,7 @@ class Store:
 
     def acquire_lock(self, purpose):
         lock_path = os.path.join(self.path, LOCK)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, M.FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -105,8 +118,17 @@ class Store:
             os.close(fd)
             raise StoreLocked(f"{self.path}: store is in use ({holder or 'by another process'})"
                               ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode(), 0)
+        try:
+            # The umask applied when the file was made (perhaps by an older
+            # snapfs): the holder's description is the owner's business.
+            os.fchmod(fd, M.FILE_MODE)
+            os.ftruncate(fd, 0)
+            # The purpose may name what the user typed, valid UTF-8 or not.
+            os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode("utf-8", "backslashreplace"),
+                      0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def release_lock(self):
@@ -205,6 +227,24 @@ class Store:
     def save_vm(self, manifest):
         M.save(manifest, os.path.join(self.vm_dir(manifest.name), M.MANIFEST))
 
+    def remove_temporaries(self):
+        """Remove the manifest temp files that a process killed while saving
+        left in VM directories, and return a line for each.
+
+        Only those: a temp file is never the truth (the manifest is
+        replaced by rename), so removing it loses nothing.  Other leftovers
+        are recovery's and ``snapfs check``'s.  The caller holds the writer
+        lock, so that no save is in flight.  Raises OSError."""
+        done = []
+        for name in self.vm_names():
+            path = os.path.join(self.vms_dir, name, M.TEMPORARY)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:     # the usual case: one syscall per VM
+                continue
+            done.append(f"removed {path} ({TEMPORARY_LEFTOVER})")
+        return done
+
     def remove_vm(self, name):
         """Remove a VM and its volumes.  The rename makes it vanish atomically;
         the files are deleted after."""
@@ -225,6 +265,28 @@ class Store:
         """VolumeRefs from the base up to ``volume_id``."""
         return [VolumeRef(self.volume_path(manifest.name, vid), manifest.volumes[vid]["format"])
                 for vid in manifest.chain(volume_id)]
+
+
+def private_file(path):
+    """``path`` opened for appending text, line buffered (a log), created
+    0600 whatever the umask; an existing regular file is made 0600 too (an
+    older snapfs made its log as the umask said).  Raises OSError."""
+    return _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "a", buffering=1)
+
+
+def _open_private(path, flags, mode, **kwargs):
+    """open(path, mode) with os.open ``flags`` (O_CREAT among them): a
+    regular file ends up 0600.  Raises OSError."""
+    fd = os.open(path, flags | os.O_CLOEXEC, M.FILE_MODE)
+    try:
+        # The umask applied to the mode above.  A device or FIFO given as
+        # a log (/dev/null) is not snapfs' to change.
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, M.FILE_MODE)
+        return open(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _identity(st):

@@ -6,6 +6,7 @@ import os
 from tqdm import tqdm
 
 from .errors import ImageError, NoSpace
+from .qcow2.create import IMAGE_MODE
 
 CHUNK = 8 << 20
 PROGRESS_THRESHOLD = 64 << 20   # smaller copies finish before a bar is useful
@@ -29,6 +30,8 @@ def _data_segments(fd, size):
 
 def copy_file(src, dst, progress=None):
     """Copy ``src`` to the new file ``dst`` keeping holes, then fsync it.
+    ``dst`` is mode 0600 whatever the umask or the mode of ``src``: a copy
+    into the store is as private as the images snapfs makes.
 
     ``progress`` (None: automatic) shows a bar for copies above 64 MiB on a
     terminal.  Raises NoSpace or ImageError; a partial ``dst`` is removed.
@@ -36,8 +39,9 @@ def copy_file(src, dst, progress=None):
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(sfd).st_size
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
         try:
+            os.fchmod(dfd, IMAGE_MODE)
             show = progress if progress is not None else size >= PROGRESS_THRESHOLD
             with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
                       desc=os.path.basename(src), disable=not show or None,

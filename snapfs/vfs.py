@@ -26,17 +26,22 @@ types are in snapfs/nodes.py.
 import copy
 import json
 import logging
+import os
 import threading
 import time
 from datetime import datetime
 
+from . import control
 from .errors import (
-    Busy, CrossDevice, InvalidArgument, NotFound, NotPermitted, ReadOnly, SnapfsError,
+    Busy, CrossDevice, InvalidArgument, NameTooLong, NotFound, NotPermitted, PermissionDenied,
+    ReadOnly, SnapfsError,
 )
 from .listings import Listings
 from .malloc_arena import one_malloc_arena
+from .names import MAX_NAME_BYTES
 from .nodes import DIR_MODE, MUTABLE_TIMEOUT, ROOT_INODE, VIEW_MODE, Handle, Node
-from .operations import VmOperations
+from .operations import VmOperations, changed_volumes, refuse_create
+from .uses import MountUsers, close_use, open_use
 from .views import ActiveSlot, DiskView, PartitionView
 from .volume import VolumePool
 
@@ -69,6 +74,8 @@ class Vfs:
 
     def lookup(self, parent, name):
         """The child ``name`` of directory inode ``parent``.  Raises NotFound."""
+        if len(os.fsencode(name)) > MAX_NAME_BYTES:
+            raise NameTooLong(f"no entry can have a name of over {MAX_NAME_BYTES} bytes")
         inode = self._children(self.node(parent)).get(name)
         if inode is None:
             raise NotFound(f"no entry {name!r}")
@@ -91,8 +98,10 @@ class Vfs:
     def readlink(self, inode):
         return self.node(inode).target
 
-    def open(self, inode, writable):
+    def open(self, inode, writable, readable=True):
         node = self.node(inode)
+        if node.stale:
+            raise NotFound(f"{node.name} was removed")
         if node.is_dir:
             raise InvalidArgument("is a directory")
         if node.control == "status":
@@ -100,6 +109,9 @@ class Vfs:
                 raise ReadOnly("control/status is read-only")
             return Handle(node, self._status(node.vm))
         if node.control:
+            if readable:
+                # Root passes the mode check of a write-only file.
+                raise PermissionDenied(f"control/{node.control} is write-only")
             return Handle(node)
         if node.render is not None:
             if writable:
@@ -113,14 +125,25 @@ class Vfs:
             disk.chain()
         elif isinstance(disk, ActiveSlot):
             disk.check()
-        return Handle(node)
+        handle = Handle(node)
+        owner = node.owner
+        if owner is not None and (writable or owner[0] != "active-write"):
+            open_use(node.vm, owner)
+            handle.use = owner
+        return handle
+
+    def closed(self, handle):
+        """The kernel released ``handle`` (cheap: called in the event loop)."""
+        if handle.use is not None:
+            close_use(handle.node.vm, handle.use)
+            handle.use = None
 
     def read(self, handle, offset, length):
         if handle.data is not None:
             return handle.data[offset:offset + length]
         node = handle.node
         if node.control:
-            raise InvalidArgument("control files are write-only")
+            raise PermissionDenied("control files are write-only")
         if isinstance(node.view, bytes):
             return node.view[offset:offset + length]
         return node.view.read(offset, length)
@@ -150,17 +173,55 @@ class Vfs:
         return len(data)
 
     def write(self, handle, offset, data):
-        """Write to the active view, or run one control command.  Returns
-        the number of bytes taken."""
+        """Write to the active view, or to a control file (each complete
+        line is a command, run now).  Returns the number of bytes taken."""
         node = handle.node
         if node.control:
-            self._control(node, data)
+            try:
+                for line in control.complete_lines(handle, data):
+                    self._command(node, line)
+            except SnapfsError:
+                # What follows a failed command in this open is not run,
+                # at close or later: the write that carried it failed.
+                handle.pending.clear()
+                raise
             return len(data)
+        if handle.creating is not None:
+            # ``cp f snapshots/NAME`` or ``echo x > snapshots/NAME``: a
+            # snapshot holds no data.  Nothing is created.
+            log.warning("snapshot %s of VM %s not created: data was written to its name",
+                        handle.creating, node.vm.name)
+            handle.creating = None
+            raise ReadOnly("a snapshot is made with touch or mkdir; it holds no data")
         if isinstance(node.view, ActiveSlot) or _is_active_part(node):
             node.view.write(offset, data)
             handle.wrote = True
             return len(data)
         raise ReadOnly(f"{node.name} is a read-only view")
+
+    def needs_flush(self, handle):
+        """Whether closing ``handle`` runs something (see ``flush``)."""
+        return handle.creating is not None or bool(handle.pending) or handle.error is not None
+
+    def flush(self, handle):
+        """close() of a file: run a control command left without a newline,
+        or create the snapshot a ``touch snapshots/NAME`` opened.  Errors
+        reach close(); a failed creation fails every later close too (touch
+        closes a dup of the file last)."""
+        node = handle.node
+        if handle.creating is not None:
+            name, handle.creating = handle.creating, None
+            try:
+                self._run(node.vm, "create", lambda ops: ops.create(name))
+            except SnapfsError as e:
+                handle.error = e
+                raise
+        elif node.control:
+            line = control.take_rest(handle)
+            if line is not None:
+                self._command(node, line)
+        elif handle.error is not None:
+            raise handle.error
 
     def release(self, handle):
         """After writes to a whole active disk, its partition table may have
@@ -185,7 +246,7 @@ class Vfs:
         if shown == wanted:
             return
         for name in shown:
-            del active.children[name]
+            self._retire(active.children.pop(name))
         for part in parts:
             self._attach(active, self.listings.active_partition(node.vm, node.view, disk, part))
         for name in set(shown) | set(wanted):
@@ -196,14 +257,27 @@ class Vfs:
         if isinstance(node.view, ActiveSlot) or _is_active_part(node):
             node.view.flush()
 
-    def setattr(self, inode, truncate, touch):
+    def setattr(self, inode, size=None, times=False, other=False):
         """``touch control/create`` (times only) creates a snapshot named by
-        the time; truncation of control files (``echo > file``) is a no-op."""
+        the time.  An active view may be truncated to its own size (a
+        no-op, as for a block device); the file a ``touch snapshots/NAME``
+        is creating takes its times.  Everything else (chmod, chown,
+        times, sizes) is refused: nothing here can keep it.  ``other``:
+        mode or owner changes."""
         node = self.node(inode)
-        if node.control == "create" and touch and not truncate:
-            self._run(node.vm, "create", lambda ops: ops.create(None))
-        elif truncate and not node.control:
-            raise NotPermitted("the size of a disk view cannot change")
+        if node.stale:
+            raise NotFound(f"{node.name} was removed")
+        if other:
+            raise NotPermitted(f"{node.name}: modes and owners are fixed")
+        if size is not None:
+            active = isinstance(node.view, ActiveSlot) or _is_active_part(node)
+            if not active or size != node.view.size:
+                raise NotPermitted(f"{node.name}: its size cannot change")
+        if times and size is None:
+            if node.control == "create":
+                self._run(node.vm, "create", lambda ops: ops.create(None))
+            elif node.key != "creating":
+                raise NotPermitted(f"{node.name}: its times are fixed")
         return node
 
     # -- the namespace as a command line ---------------------------------------
@@ -213,19 +287,29 @@ class Vfs:
         self._run(vm, "create", lambda ops: ops.create(name))
         return self.lookup(parent, name)
 
-    def create_file(self, parent, name):
-        """``touch snapshots/NAME``: create the snapshot, and answer with a
-        short-lived regular file (the kernel insists); the next lookup finds
-        the directory."""
+    def create_file(self, parent, name, truncate=False):
+        """``touch snapshots/NAME``: answer with a short-lived regular file
+        (the kernel insists), and create the snapshot when it is closed
+        (``flush``) unless data was written to it: ``cp f snapshots/NAME``
+        must not make one.  Everything that would refuse the snapshot is
+        checked now.  ``truncate`` (O_TRUNC: ``echo x > snapshots/NAME``)
+        is refused at once.  The next lookup finds the directory."""
         vm = self._snapshots_dir_vm(parent)
-        self._run(vm, "create", lambda ops: ops.create(name))
-        node = Node(inode=0, name=name, parent=parent, mode=VIEW_MODE,
-                    mtime_ns=time.time_ns(), timeout=0.0, immutable=False, view=b"", vm=vm)
+        if truncate:
+            raise ReadOnly("a snapshot is made with touch or mkdir; it holds no data")
+        try:
+            refuse_create(vm.manifest, name)
+            if vm.running:
+                raise Busy(f"VM {vm.name} is busy: {vm.running['op']} is running")
+        except SnapfsError as e:
+            self._refused(vm, "create", e)
+        node = Node(inode=0, name=name, parent=parent, mode=VIEW_MODE, mtime_ns=time.time_ns(),
+                    timeout=0.0, immutable=False, view=b"", vm=vm, key="creating")
         with self._lock:
             node.inode = self._next_inode
             self._next_inode += 1
             self._nodes[node.inode] = node
-        return Handle(node), node
+        return Handle(node, creating=name), node
 
     def rmdir(self, parent, name):
         """Delete by merge.  rmdir holds the snapshots directory's lock in
@@ -239,6 +323,8 @@ class Vfs:
 
     def rename(self, parent_old, old, parent_new, new):
         vm = self._snapshots_dir_vm(parent_old)
+        if old == "latest":
+            raise NotPermitted("snapshots/latest follows the newest snapshot; it cannot be renamed")
         if parent_new != parent_old:
             other = self.node(parent_new)
             raise CrossDevice("snapshots move only within their VM's snapshots/") \
@@ -251,21 +337,14 @@ class Vfs:
             raise NotPermitted("snapshots are created and deleted in <vm>/snapshots/")
         return node.vm
 
-    def _control(self, node, data):
+    def _command(self, node, line):
+        """Run one command line written to control file ``node``."""
         try:
-            text = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise InvalidArgument("control commands are UTF-8 text") from None
-        command = node.control
-        if command == "create":
-            name, _, description = text.partition(" ")
-            self._run(node.vm, "create", lambda ops: ops.create(name or None, description.strip()))
-        elif command in ("delete", "preview"):
-            if not text:
-                raise InvalidArgument(f"control/{command} needs a snapshot name")
-            self._run(node.vm, command, lambda ops: getattr(ops, command)(text), snapshot=text)
-        else:
-            self._run(node.vm, command, lambda ops: getattr(ops, command)())
+            op, args = control.parse(node.control, line)
+        except SnapfsError as e:
+            self._refused(node.vm, node.control, e)
+        snapshot = args[0] if op in ("delete", "preview") else None
+        self._run(node.vm, op, lambda ops: getattr(ops, op)(*args), snapshot=snapshot)
 
     # -- running operations ----------------------------------------------------
 
@@ -278,6 +357,7 @@ class Vfs:
             running = vm.running["op"] if vm.running else "an operation"
             self._refused(vm, op, Busy(f"VM {vm.name} is busy: {running} is running"))
         background = False
+        users = MountUsers(vm, writing=lambda vids: self._writing(vm, vids))
         try:
             vm.running = {"op": op, "snapshot": snapshot, "started": _utc_now(),
                           "progress": None}
@@ -285,23 +365,24 @@ class Vfs:
             def progress(done, total):
                 vm.running["progress"] = {"done": done, "total": total}
 
-            # Every manifest switch is followed at once, still under the
-            # io_lock: files it dropped are deleted only afterwards, and
-            # writes waiting for the lock land in the new leaves.
+            # Every manifest switch is followed at once, while the operation
+            # still holds the disks it changed (MountUsers.hold): files it
+            # dropped are deleted only afterwards, and writes waiting for a
+            # disk land in its new leaf.
             ops = VmOperations(self.store, vm.name, progress=progress,
-                               on_saved=lambda m: self._refresh_vm(vm, m))
+                               on_saved=lambda m: self._refresh_vm(vm, m), users=users)
             try:
-                with vm.io_lock:
-                    for slot in vm.active.values():
-                        slot.flush()
-                    result = action(ops)
+                result = action(ops)
             except SnapfsError as e:
                 self._refused(vm, op, e)
             finally:
                 self._refresh_vm(vm)
+                if then is None:
+                    users.release_claims()
                 self._flush_page_caches(vm)
             if then is not None:
-                thread = threading.Thread(target=self._continue, args=(vm, op, ops, then, result),
+                thread = threading.Thread(target=self._continue,
+                                          args=(vm, op, ops, then, result, users),
                                           name=f"snapfs-{op}-{vm.name}", daemon=True)
                 self._background.append(thread)
                 thread.start()
@@ -312,13 +393,12 @@ class Vfs:
                 vm.running = None
                 vm.op_lock.release()
 
-    def _continue(self, vm, op, ops, then, result):
+    def _continue(self, vm, op, ops, then, result, users):
         try:
-            with vm.io_lock:
-                try:
-                    then(ops, result)
-                finally:
-                    self._refresh_vm(vm)
+            try:
+                then(ops, result)
+            finally:
+                self._refresh_vm(vm)
         except SnapfsError as e:
             vm.last_error = {"op": op, "error": str(e), "errno": e.errno, "time": _utc_now()}
             log.error("%s on VM %s failed: %s (it resumes with the next operation)",
@@ -326,9 +406,17 @@ class Vfs:
         except Exception:
             log.exception("%s on VM %s failed", op, vm.name)
         finally:
+            users.release_claims()
             vm.running = None
             vm.op_lock.release()
             self._flush_page_caches(vm)
+            self._background = [t for t in self._background if t.is_alive()
+                                and t is not threading.current_thread()]
+
+    def _writing(self, vm, volume_ids):
+        """An operation is about to write these volumes: read their maps
+        first, so that chains opened meanwhile use maps that stay valid."""
+        self.listings.prime(vm, volume_ids)
 
     def _refused(self, vm, op, error):
         vm.last_error = {"op": op, "error": str(error), "errno": error.errno,
@@ -400,35 +488,95 @@ class Vfs:
 
     def _refresh_vm(self, vm, manifest=None):
         """Follow the VM's manifest (reloaded, or as just saved) and replace
-        what changed: snapshot nodes by key, the active leaves in their
-        slots, the before-preview directory."""
+        what changed: snapshot nodes by key, the chains behind snapshot
+        views, the active leaves in their slots, the before-preview
+        directory.
+
+        Volumes whose files changed (``changed_volumes``) are forgotten
+        first, then the views are pointed at their new chains: a read in
+        between opens the old chain anew, which still reads the same bytes
+        (every volume of it exists until this returns)."""
         try:
             manifest = copy.deepcopy(manifest) if manifest else self.store.load_vm(vm.name)
         except SnapfsError as e:
-            log.error("VM %s cannot be reloaded: %s", vm.name, e)
+            # The manifest may have moved on without the mount: a write must
+            # never land in a leaf that may now belong to a snapshot.
+            log.error("VM %s cannot be reloaded, its active disks are read-only: %s", vm.name, e)
+            for slot in vm.active.values():
+                with slot.lock:
+                    slot.disk.retire(f"VM {vm.name} cannot be reloaded: {e}")
             return
         with self._lock:
+            changed = changed_volumes(vm.manifest, manifest)
             vm.manifest = manifest
-            # Volumes changed on disk (merged, relinked, deleted): open them anew.
-            self.listings.forget(vm)
+            self.listings.forget(vm, changed)
+            self._retarget_views(vm, changed)
+            self._switch_leaves(vm, changed)
             vm_node = self._nodes[vm.inode]
             if vm_node.children is None:
                 return
             self._refresh_dir(vm_node, "snapshots", self.listings.snapshots(vm))
-            active = self._nodes[vm_node.children["active"]]
-            if active.key != self.listings.active_key(vm):
-                active.key = self.listings.active_key(vm)
-                for disk, slot in vm.active.items():
-                    old, slot.disk = slot.disk, self.listings.active_disk(vm, disk)
-                    old.retire()
-                    vm.stale_pages = True
-                if active.children is not None:
-                    for name, inode in list(active.children.items()):
-                        node = self._nodes[inode]
-                        if isinstance(node.view, ActiveSlot):
-                            self._refresh_partitions(node)
             wanted = [self.listings.before_preview(vm)] if vm.manifest.preview else []
             self._refresh_children(vm_node, wanted, only={"before-preview"})
+
+    def _retarget_views(self, vm, changed):
+        """Point each listed snapshot view at its snapshot's chain now; let
+        go of the views of snapshots that are gone."""
+        snapshots = {s.id: s for s in vm.manifest.snapshots}
+        for snapshot_id, views in list(vm.snapshot_views.items()):
+            snap = snapshots.get(snapshot_id)
+            for disk, view in views.items():
+                if snap is None:
+                    view.release()
+                    continue
+                refs = self.listings.chain_refs(vm, snap.volumes[disk])
+                if refs != view.refs or any(r.path.rsplit("/", 1)[-1] in changed for r in refs):
+                    view.retarget(refs)
+            if snap is None:
+                del vm.snapshot_views[snapshot_id]
+
+    def _switch_leaves(self, vm, changed):
+        """Give each active slot whose chain changed a new ActiveDisk.  The
+        slot's lock is held: by the operation that changed it, already."""
+        for disk, slot in vm.active.items():
+            refs = self.listings.chain_refs(vm, vm.manifest.active[disk])
+            if refs == slot.disk.refs and not any(
+                    r.path.rsplit("/", 1)[-1] in changed for r in refs[:-1]):
+                continue
+            with slot.lock:
+                old, slot.disk = slot.disk, self.listings.active_disk(vm, disk)
+                old.retire()
+            vm.stale_pages = True
+            vm_node = self._nodes.get(vm.inode)
+            active = self._nodes[vm_node.children["active"]] if vm_node and vm_node.children \
+                else None
+            if active is not None and active.children is not None:
+                node = self._nodes.get(active.children.get(f"{disk}.raw"))
+                if node is not None:
+                    self._refresh_partitions(node)
+
+    def _retire(self, inode):
+        """Node ``inode`` left the tree: it and everything below it refuse
+        opens from now on and let go of their chains (their files close with
+        the last read in flight).  The kernel may still ask for their
+        attributes until it forgets them (``forget``)."""
+        node = self._nodes.get(inode)
+        if node is None or node.stale:
+            return
+        node.stale = True
+        view = node.view.disk if isinstance(node.view, PartitionView) else node.view
+        if isinstance(view, DiskView):
+            view.release()
+        for child in (node.children or {}).values():
+            self._retire(child)
+
+    def forget(self, inodes):
+        """The kernel forgot these inodes: drop the ones that left the tree."""
+        with self._lock:
+            for inode in inodes:
+                node = self._nodes.get(inode)
+                if node is not None and (node.stale or node.key == "creating"):
+                    del self._nodes[inode]
 
     def _flush_page_caches(self, vm):
         """The kernel may cache pages of the active views: drop them once the
@@ -468,11 +616,14 @@ class Vfs:
                 del_name = spec["name"]
                 parent.children.pop(del_name, None)
                 new[del_name] = self._attach(parent, spec).inode
+        kept = set(new.values())
         for name, inode in old.items():
             if new.get(name) != inode:
                 self.notify(parent.inode, name)
                 if parent.children.get(name) == inode:
                     del parent.children[name]
+            if inode not in kept:
+                self._retire(inode)
         for name, inode in new.items():
             if old.get(name) is None:
                 self.notify(parent.inode, name)   # may be cached as absent

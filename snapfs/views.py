@@ -10,13 +10,19 @@ import logging
 import threading
 
 from .chain import Chain
-from .errors import ImageError, NoSpace, ReadOnly, SnapfsError
+from .errors import ImageError, NoSpace, NotFound, ReadOnly, SnapfsError
 
 log = logging.getLogger(__name__)
 
 
 class DiskView:
-    """A disk as of one volume: opens (and merges) its chain on first use."""
+    """A disk as of one volume: opens (and merges) its chain on first use.
+
+    ``retarget`` points the view at another chain that reads the same
+    bytes (a merge removed a layer beneath); ``release`` lets go of the
+    chain for good (the view left the namespace).  A read already inside
+    the old chain finishes with it; the chain's files close with their
+    last user."""
 
     def __init__(self, pool, refs):
         self.pool = pool
@@ -24,6 +30,7 @@ class DiskView:
         self._chain = None
         self._error = None
         self._size = None
+        self._released = False
         self._lock = threading.Lock()
 
     @property
@@ -37,6 +44,8 @@ class DiskView:
 
     def chain(self):
         with self._lock:
+            if self._released:
+                raise NotFound("the view was removed")
             if self._chain is None and self._error is None:
                 try:
                     self._chain = Chain(self.pool, self.refs)
@@ -47,13 +56,23 @@ class DiskView:
                 raise self._error
             return self._chain
 
+    def retarget(self, refs):
+        """Read through ``refs`` from now on (the same bytes, other files)."""
+        with self._lock:
+            self.refs, self._chain, self._error = refs, None, None
+
+    def release(self):
+        with self._lock:
+            self._released, self._chain = True, None
+
     def read(self, offset, length, wait=True):
         """The bytes at ``offset``.  With ``wait=False``, None instead of
         opening the chain or decompressing a cluster (see Chain.read)."""
-        if not wait and self._chain is None:
+        chain = self._chain
+        if not wait and chain is None:
             return None
         try:
-            return self.chain().read(offset, length, wait)
+            return (chain or self.chain()).read(offset, length, wait)
         except ImageError:
             raise
         except OSError as e:
@@ -86,15 +105,17 @@ class PartitionView:
 
 
 class ActiveSlot:
-    """What ``active/<disk>.raw`` shows: always the VM's *current* active
+    """What ``active/<disk>.raw`` shows: always the disk's *current* active
     leaf, whatever operations replaced it since the file was opened or
-    looked up.  ``io_lock`` serialises writes with the VM's operations: an
-    operation swaps ``disk`` while holding it, so a write that waited for
-    the operation lands in the new leaf."""
+    looked up.  ``lock`` serialises writes with the operations that change
+    this disk: an operation holds it while it merges into or switches the
+    disk's leaf, and swaps ``disk`` before letting go, so a write that
+    waited lands in the new leaf.  Each disk has its own: a merge of one
+    disk does not hold up writes to another."""
 
-    def __init__(self, disk, io_lock):
+    def __init__(self, disk):
         self.disk = disk
-        self.io_lock = io_lock
+        self.lock = threading.RLock()
 
     @property
     def size(self):
@@ -108,24 +129,24 @@ class ActiveSlot:
 
     def write(self, offset, data, wait=True):
         """Write; with ``wait=False`` give up (False) rather than wait for
-        the io_lock, which an operation may hold for minutes."""
-        if not self.io_lock.acquire(blocking=wait):
+        the lock, which an operation may hold for minutes."""
+        if not self.lock.acquire(blocking=wait):
             return False
         try:
             self.disk.write(offset, data)
         finally:
-            self.io_lock.release()
+            self.lock.release()
         return True
 
     def flush(self):
-        with self.io_lock:
+        with self.lock:
             self.disk.flush()
 
 
 class ActiveDisk:
     """The active leaf of a disk, read and written through a Qcow2Writer
     whose backing view is the (immutable) chain beneath the leaf.  Writes
-    go through an ActiveSlot, which holds the VM's io_lock.  Until the
+    go through an ActiveSlot, which holds the disk's lock.  Until the
     writer opens, ``readonly_view`` reads the same bytes from the files
     (snapfs/listings.py reads the partition table through it)."""
 
@@ -135,6 +156,8 @@ class ActiveDisk:
         self.readonly_view = DiskView(pool, refs)
         self._writer = None
         self._refusal = None
+        self._readers = 0          # reads using the writer right now
+        self._retired = None       # the writer to close once they are done
         self._lock = threading.Lock()
 
     @property
@@ -172,9 +195,20 @@ class ActiveDisk:
         writer = self.writer()
         if writer is None:
             return self.readonly_view.read(offset, length)
-        if offset >= writer.size:
-            return b""
-        return writer.read(offset, min(length, writer.size - offset))
+        with self._lock:
+            if self._writer is not writer:     # retired meanwhile
+                return self.readonly_view.read(offset, length)
+            self._readers += 1
+        try:
+            if offset >= writer.size:
+                return b""
+            return writer.read(offset, min(length, writer.size - offset))
+        finally:
+            with self._lock:
+                self._readers -= 1
+                last = self._readers == 0 and self._retired is writer
+            if last:
+                self._close_retired()
 
     def write(self, offset, data):
         writer = self.writer()
@@ -190,11 +224,25 @@ class ActiveDisk:
         if writer is not None:
             writer.flush()
 
-    def retire(self):
-        """Flush and let go: an operation replaced this leaf or its chain.
-        A reader still inside ``read`` keeps its own reference to the
-        writer; the file closes when the last one is done."""
-        self.flush()
+    def retire(self, reason="the active disk was replaced by an operation"):
+        """Flush, close and let go: an operation replaced this leaf or its
+        chain.  A read still inside the writer finishes first; the last
+        one closes it.  Later reads go to the read-only view."""
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._retired, self._writer = self._writer, None
+                self._refusal = ReadOnly(reason)
+                idle = self._readers == 0
+            if idle:
+                self._close_retired()
+
+    def _close_retired(self):
         with self._lock:
-            self._writer = None
-            self._refusal = ReadOnly("the active disk was replaced by an operation")
+            writer, self._retired = self._retired, None
+        if writer is not None:
+            try:
+                writer.close()
+            except (SnapfsError, OSError) as e:
+                log.error("closing %s failed: %s", writer.path, e)

@@ -190,7 +190,7 @@ class VolumePool:
         self._volumes = {}
         self._runs = {}
         self._generation = 0          # forget() calls so far
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.clusters = ClusterCache()
 
     def get(self, path, fmt):
@@ -232,10 +232,26 @@ class VolumePool:
         that still hold them keep reading; each file closes with its last user."""
         prefix = os.path.join(directory, "")
         with self._lock:
+            self.forget_paths([p for p in self._volumes if p.startswith(prefix)])
+
+    def forget_paths(self, paths):
+        """Drop the volumes at ``paths`` (changed or deleted on disk)."""
+        with self._lock:
             self._generation += 1
-            for path in [p for p in self._volumes if p.startswith(prefix)]:
-                del self._volumes[path]
-                self._runs.pop(path, None)
+            for path in paths:
+                self._volumes.pop(str(path), None)
+                self._runs.pop(str(path), None)
+
+    def prime(self, path, fmt):
+        """Open ``path`` and read its map now, before something writes the
+        file: chains opened later reuse this map.  A merge keeps every map
+        of the volumes it writes valid for the chains that survive it
+        (snapfs/merge.py), but a map read while it writes could name
+        clusters past the end the volume had when opened."""
+        try:
+            self.runs(self.get(path, fmt))
+        except ImageError:
+            pass     # the chains that need it report it
 
     def close(self):
         with self._lock:

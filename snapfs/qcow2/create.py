@@ -11,6 +11,9 @@ from .header import read_header
 
 DEFAULT_CLUSTER_BITS = 16
 HEADER_LENGTH = 112  # v3 header with the compression type byte, padded
+# A new image is its owner's only, as libvirt makes its images: it holds a
+# guest's disk.  Set with fchmod too, since the umask applies at creation.
+IMAGE_MODE = 0o600
 
 
 def _ext(ext_type, data):
@@ -30,8 +33,8 @@ def create_image(path, size, backing=None, backing_format=None,
                  cluster_bits=DEFAULT_CLUSTER_BITS):
     """Create an empty v3 qcow2 image of ``size`` bytes at ``path``, fsynced.
 
-    The file must not exist.  Layout: header, refcount table, one refcount
-    block, L1 table.
+    The file must not exist; it is made mode 0600 whatever the umask.
+    Layout: header, refcount table, one refcount block, L1 table.
     """
     if backing and backing_format not in ("raw", "qcow2"):
         raise InvalidArgument(f"backing format must be raw or qcow2, not {backing_format!r}")
@@ -59,8 +62,9 @@ def create_image(path, size, backing=None, backing_format=None,
     )) + bytes(HEADER_LENGTH - 104)
     reftable = struct.pack(">Q", 2 * cs)
     refblock = struct.pack(f">{total}H", *([1] * total))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
     try:
+        os.fchmod(fd, IMAGE_MODE)
         os.ftruncate(fd, total * cs)
         os.pwrite(fd, header + tail + name, 0)
         os.pwrite(fd, reftable, cs)

@@ -3,9 +3,12 @@ leaf, never in a snapshot and never in a deleted volume, whether the file
 was opened before the operation or after (regressions found by the model
 test)."""
 
+import errno
 import json
 import os
 import time
+
+import pytest
 
 from tests.support.mounting import control, mounted, snapfs
 
@@ -38,10 +41,20 @@ def test_open_file_follows_the_leaf_across_operations(tmp_path, store):
             os.mkdir(vm / "snapshots" / "s2")
             os.pwrite(fd, b"\x03", 0)
             assert byte(vm / "snapshots" / "s2" / "sda.raw") == b"\x02"
-            # A preview shows the snapshot's bytes through the same open file.
-            control(vm, "preview", "s1")
+            # Finding 12: no preview switches the leaf under a writer.
+            with pytest.raises(OSError) as e:
+                control(vm, "preview", "s1\n")
+            assert e.value.errno == errno.EBUSY
+        finally:
+            os.close(fd)
+        # A preview shows the snapshot's bytes through a file opened before it.
+        fd = os.open(active, os.O_RDONLY)
+        try:
+            control(vm, "preview", "s1\n")
             assert os.pread(fd, 1, 0) == b"\x01"
-            os.pwrite(fd, b"\x09", 0)
+            with open(active, "r+b") as f:
+                f.write(b"\x09")
+            assert os.pread(fd, 1, 0) == b"\x09"
             assert byte(vm / "before-preview" / "sda.raw") == b"\x03"
             control(vm, "undo")
             assert os.pread(fd, 1, 0) == b"\x03"

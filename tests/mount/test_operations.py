@@ -51,9 +51,11 @@ def test_error_paths_have_their_errno(tmp_path, vm_store):
         os.mkdir(snaps / "tuesday")
         expect_errno(errno.EEXIST, control, vm, "create", "tuesday")
         expect_errno(errno.EEXIST, os.rename, snaps / "tuesday", snaps / "monday")
-        # Invalid names: EINVAL.
-        for bad in ("a/b", ".", "..", "x" * 256, "latest", "a\0b"):
+        # Invalid names: EINVAL; too long: ENAMETOOLONG (finding 11).
+        for bad in ("a/b", ".", "..", "latest", "a\0b", "a\tb"):
             expect_errno(errno.EINVAL, control, vm, "create", bad)
+        expect_errno(errno.ENAMETOOLONG, control, vm, "create", "x" * 256)
+        expect_errno(errno.ENAMETOOLONG, os.mkdir, snaps / ("x" * 256))
         expect_errno(errno.EINVAL, control, vm, "commit")      # no preview open
         expect_errno(errno.EINVAL, control, vm, "undo")
         # A preview is open: EBUSY for create and delete.
