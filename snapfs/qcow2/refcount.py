@@ -11,6 +11,11 @@ changes refcounts in memory and writes them when told to, except for the
 refcount table growth, which is a self-contained, ordered sequence of
 writes and syncs.  Clusters are allocated at the end of the file, or reused
 once this writer itself has dropped their refcount to zero.
+
+The clusters ``allocate`` hands out are remembered until the caller keeps
+them (``commit_allocations``, once a table points at them) or gives them
+back (``undo_allocations``, when the write that wanted them failed): a
+failed write must not leak them.
 """
 
 import heapq
@@ -143,6 +148,7 @@ class Refcounts:
         self._dirty = {}                  # block index -> (lo, hi) bytes to write
         self._unlinked = []               # new blocks not yet in the on-disk table
         self._free = []                   # heap of clusters this writer freed
+        self._allocated = []              # handed out since the last commit_allocations()
         self._block_clusters = {e & _RT_OFFSET_MASK for e in self.table if e}
         # Next cluster at the end of the file (a partial last cluster, e.g.
         # compressed data, counts as used).
@@ -216,6 +222,7 @@ class Refcounts:
                 if self.get(c) == 0:
                     self._set(c, 1)
                     out.append(c)
+                    self._allocated.append(c)
                 continue
             c = self.end
             b = c // self.per_block
@@ -237,7 +244,26 @@ class Refcounts:
                 continue  # in use past the end of the file: leave it alone
             self._set(c, 1)
             out.append(c)
+            self._allocated.append(c)
         return out
+
+    def commit_allocations(self):
+        """The clusters allocated so far are in use (a table points at them,
+        or will once the pending tables are written): forget them."""
+        self._allocated = []
+
+    def undo_allocations(self):
+        """Release (in memory) every cluster allocated since the last
+        ``commit_allocations``: the write that wanted them failed before
+        any table pointed at them.  Their refcounts may already be on disk
+        (written for that write, or by a table growth); the release makes
+        the next ``write_dirty`` put them back to zero, which is safe since
+        nothing points at them.  New refcount blocks stay: a block counts
+        itself, and its table entry (written or still to be written)
+        refers to it, so it is no leak.  Returns the released clusters."""
+        counts = dict.fromkeys(self._allocated, 1)
+        self._allocated = []
+        return self.release(counts)
 
     def _grow(self, need_block):
         """Move the refcount table to a bigger one at the end of the file.
@@ -270,6 +296,11 @@ class Refcounts:
         if nt * cs > MAX_REFTABLE_BYTES:
             raise NoSpace(f"{self.path}: the refcount table would exceed "
                           f"{MAX_REFTABLE_BYTES} bytes; the image is full")
+        for c in range(start, area_end):   # (blocks still missing count 0)
+            if self.get(c):
+                raise CorruptImage(self.path, f"cluster {c * cs:#x} past the end of the "
+                                              "file has a refcount")
+        old = self.table, self.end, self._unlinked
         table = array("Q", self.table)
         table.extend(array("Q", bytes(8 * (nt * per_cluster - len(table)))))
         for j, bi in enumerate(missing):
@@ -279,20 +310,38 @@ class Refcounts:
             self._dirty[bi] = (0, cs)
         self.table = table
         for c in range(start, area_end):
-            if self.get(c):
-                raise CorruptImage(self.path, f"cluster {c * cs:#x} past the end of the "
-                                              "file has a refcount")
             self._set(c, 1)
         self.end = area_end
         self._unlinked = []  # every new block is in the new table
         new_off = (start + k) * cs
-        self.write_dirty()
-        io.pwrite(be_bytes(table), new_off)
-        io.sync()
-        io.step("reftable")
-        io.pwrite(struct.pack(">QI", new_off, nt), _HEADER_REFTABLE)
-        io.sync()
+        try:
+            self.write_dirty()
+            io.pwrite(be_bytes(table), new_off)
+            io.sync()
+            io.step("reftable")
+            io.pwrite(struct.pack(">QI", new_off, nt), _HEADER_REFTABLE)
+        except BaseException:
+            # The header still names the old table (e.g. ENOSPC writing the
+            # new area).  Go back to it in memory: a refcount that a later
+            # write put in a block only the new table names would not count
+            # on disk, and the cluster it counts would look free (corrupt).
+            self.table, self.end, self._unlinked = old
+            for j, bi in enumerate(missing):
+                del self._blocks[bi]
+                self._dirty.pop(bi, None)
+                self._block_clusters.discard((start + j) * cs)
+            for c in range(start, area_end):
+                if c // per not in missing:
+                    # Was 0; the 1 may be on disk already: a leak until
+                    # the next write_dirty puts the 0 back.
+                    self._set(c, 0)
+            raise
+        # Written (in the page cache, which every later read sees): from now
+        # on the new table is the image's.  If the sync fails, whether the
+        # switch reached the disk is unknown, as after a crash: the old
+        # table is never freed (a leak), since it may still be the one.
         hdr.refcount_table_offset, hdr.refcount_table_clusters = new_off, nt
+        io.sync()
         io.step("reftable-header")
         self.release({old_off // cs + j: 1 for j in range(old_n)})
         self.write_dirty()
@@ -341,12 +390,24 @@ class Refcounts:
 
     # -- writing ---------------------------------------------------------
 
-    def write_dirty(self):
-        """Write every changed byte range of the refcount blocks.  Raises OSError."""
+    def write_dirty(self, linked_only=False):
+        """Write every changed byte range of the refcount blocks (with
+        ``linked_only``, skip the new blocks that the table on disk does not
+        name yet: their content counts for nothing until it does, and
+        writing them, past the end of the file, may fail again for want of
+        space).  A block stays dirty until its write succeeds.  Raises OSError."""
+        skip = set(self._unlinked) if linked_only else ()
         for b, (lo, hi) in sorted(self._dirty.items()):
+            if b in skip:
+                continue
             off = self.table[b] & _RT_OFFSET_MASK
             self.io.pwrite(bytes(self._blocks[b][lo:hi]), off + lo)
-        self._dirty.clear()
+            del self._dirty[b]
+
+    @property
+    def pending(self):
+        """Whether changes wait to be written (``write_dirty``, ``link_new_blocks``)."""
+        return bool(self._dirty or self._unlinked)
 
     @property
     def unlinked(self):

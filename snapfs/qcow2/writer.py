@@ -19,6 +19,16 @@ everything pending.  A crash then loses the writes since the last flush,
 never the image's consistency; the two fdatasyncs per write() that made
 small writes 20x slower than QEMU's are paid once per flush.
 
+A write that fails (ENOSPC, typically while writing its data) must not
+leak either.  Until its data is written no table points at its new
+clusters, and it gives them back: their refcounts drop back, in memory and,
+if they had reached the disk, on disk too (at once; in write-back mode with
+the next flush).  Tables in memory change only once their data is written,
+so they never point at data a failed write did not write.  A write that
+fails after its data (while writing its pointers) leaves the rest pending,
+as in write-back mode, for the next write, flush or close.  Only a crash
+(or a failed sync, which is as good as one) can leak clusters.
+
 Overwritten clusters that are shared (internal snapshots), compressed, or
 (extended L2) not fully allocated are copied to a new cluster; shared L2
 tables are copied on write.  Everything else is overwritten in place.
@@ -169,7 +179,8 @@ class Qcow2Writer:
         Raises ValueError outside the disk; CorruptImage if the image is
         marked corrupt or dirty or its tables are inconsistent; ReadOnly;
         NoSpace when the file system or the refcount table is full; OSError.
-        After an error the writer re-reads the image (leaks are possible).
+        After an error the clusters the write allocated are released; part
+        of a failed write may have landed, or land with the next flush.
         """
         data = memoryview(data).cast("B")
         with self._lock:
@@ -216,7 +227,12 @@ class Qcow2Writer:
         """Make every completed write durable (fdatasync).  Raises NoSpace, OSError."""
         with self._lock:
             self._write_back_pending()
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"{self.path}: no space left to flush") from e
+                raise
             self._unsynced = False
 
     def close(self):
@@ -402,7 +418,7 @@ class Qcow2Writer:
 
     def _refcounts(self):
         if self._refs is None:
-            self._refs = Refcounts(self._io)
+            refs = Refcounts(self._io)
             if self.header.autoclear_features:
                 # Autoclear bits (e.g. persistent bitmaps) describe data this
                 # writer does not maintain: the spec says to clear them
@@ -411,29 +427,61 @@ class Qcow2Writer:
                 self._io.sync()
                 self.header.autoclear_features = 0
                 self._io.step("autoclear")
+            self._refs = refs   # (only now: a failure above is retried)
         return self._refs
 
     def _batch(self, offset, length, data):
-        """One write() batch; on any error re-read the image and re-raise
-        (ENOSPC / EDQUOT as NoSpace)."""
+        """One write() batch; on an error release what it allocated and
+        re-raise (ENOSPC / EDQUOT as NoSpace).
+
+        The memory stays consistent with the disk after a failure, so it is
+        kept (write-back mode must not lose the earlier writes still
+        pending): the tables change only once their data is written, and a
+        failed write gives back its clusters (``_release_failed``) or, past
+        its data, leaves its pointers pending (``_write``).
+        """
         self._unsynced = True
         try:
+            if not self._write_back:
+                # A write that returns is on disk, and so is everything
+                # before it: first finish what a failed write left pending.
+                self._write_back_pending()
             self._write(offset, length, data)
         except BaseException as e:
-            # Write-back mode keeps its memory: the tables changed only after
-            # their data was written, so what a failed write leaves behind is
-            # at worst allocated clusters nothing points at (leaks), and the
-            # earlier writes still pending must not be lost.
-            if not self._write_back:
-                try:
-                    self._load()
-                except Exception:
-                    self._refuse = CorruptImage(self.path, "cannot re-read the image after "
-                                                           "a failed write; reopen it")
+            self._release_failed()
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"{self.path}: no space left for a write") from e
             raise
         self._trim()
+
+    def _release_failed(self):
+        """After a failed write: release the clusters it allocated, which no
+        table points at (``_write`` commits them just before the first
+        pointer is written), so that they do not leak."""
+        refs = self._refs
+        if refs is None:
+            return
+        try:
+            # Part of the data may have landed past the end of the file we
+            # know of.  A released cluster there must not count as reading
+            # zeros when it is reused (a partial write of a fresh cluster
+            # past the end writes only its own bytes).
+            self.header.file_size = max(self.header.file_size, os.fstat(self.fd).st_size)
+            refs.undo_allocations()
+        except Exception:
+            # The memory may no longer match the disk: stop writing.
+            self._refuse = CorruptImage(self.path, "cannot release the clusters of a "
+                                                   "failed write; reopen the image")
+            return
+        if not self._write_back:
+            # The increments may be on disk (step 1): put the released
+            # counts back now, not at the next write or flush.  Only the
+            # blocks the table on disk names matter.  If this fails too, the
+            # counts stay pending (``_write_back_pending``).
+            try:
+                refs.write_dirty(linked_only=True)
+            except OSError:
+                pass
 
     def _write(self, offset, length, data):
         """Plan every cluster of the range, allocate, then write in order.
@@ -541,13 +589,13 @@ class Qcow2Writer:
                     else:
                         writes.append((h, [zeros[:skip], content, zeros[tail:]]))
                 updates.append((l2i, new))
-            if not plan.copied:
-                plan.table = array("Q", plan.table if plan.table is not None else self._zeros)
-            if plan.copied and self._write_back:
-                # The cached table changes once the data is written (_stage):
-                # it must never point at data that a failed write never wrote.
+            if plan.copied:
+                # The cached table changes once the data is written (_stage,
+                # step 2): it must never point at data that a failed write
+                # never wrote.
                 plan.updates = updates
             else:
+                plan.table = array("Q", plan.table if plan.table is not None else self._zeros)
                 self._set_entries(plan.table, updates)
 
         if self._write_back:
@@ -568,30 +616,54 @@ class Qcow2Writer:
         if plans:
             io.sync()
         io.step("data")
-        # 2. pointers.
-        width = 2 if ext else 1
-        l1_changed = []
+        # 2. pointers.  From here on the new clusters are the image's: the
+        # tables in memory point at them, and a failure no longer releases
+        # them.
+        refs.commit_allocations()
         for l1i, plan in plans.items():
             if plan.copied:
-                idx = [c[0] for c in plan.changes]
-                lo, hi = min(idx) * width, (max(idx) + 1) * width
-                io.pwrite(_be(plan.table[lo:hi]), plan.offset + 8 * lo)
+                self._set_entries(plan.table, plan.updates)
             else:
                 self._l1[l1i] = plan.new_offset | S.L2E_COPIED
                 self._l2[plan.new_offset] = plan.table
-                l1_changed.append(l1i)
-        if l1_changed:
-            lo, hi = min(l1_changed), max(l1_changed) + 1
-            io.pwrite(_be(self._l1[lo:hi]), hdr.l1_table_offset + 8 * lo)
-        if drops:
-            io.sync()   # nothing points at the old clusters before they are freed
-        io.step("l2")
-        # 3. release.
-        if drops:
-            for c in refs.release(drops):
-                self._l2.pop(c << cb, None)
-            refs.write_dirty()
-            io.step("free")
+        try:
+            width = 2 if ext else 1
+            l1_changed = []
+            for l1i, plan in plans.items():
+                if plan.copied:
+                    idx = [c[0] for c in plan.changes]
+                    lo, hi = min(idx) * width, (max(idx) + 1) * width
+                    io.pwrite(_be(plan.table[lo:hi]), plan.offset + 8 * lo)
+                else:
+                    l1_changed.append(l1i)
+            if l1_changed:
+                lo, hi = min(l1_changed), max(l1_changed) + 1
+                io.pwrite(_be(self._l1[lo:hi]), hdr.l1_table_offset + 8 * lo)
+            if drops:
+                io.sync()   # nothing points at the old clusters before they are freed
+            io.step("l2")
+            # 3. release.
+            if drops:
+                freed, drops = refs.release(drops), None
+                for c in freed:
+                    self._l2.pop(c << cb, None)
+                refs.write_dirty()
+                io.step("free")
+        except BaseException:
+            # The data and its refcounts are on disk; some pointers may not
+            # be.  Rather than leak the new clusters (or the old ones), leave
+            # the rest pending as in write-back mode: the next write, flush
+            # or close writes it back (_write_back_pending).
+            for l1i, plan in plans.items():
+                if plan.copied:
+                    self._l2[plan.offset] = plan.table
+                    self._dirty_tables.add(plan.offset)
+                else:
+                    self._dirty_tables.add(plan.new_offset)
+                    self._dirty_l1.add(l1i)
+            if drops:
+                self._pending_drops.update(drops)
+            raise
 
     def _set_entries(self, table, updates):
         if self.header.extended_l2:
@@ -614,6 +686,9 @@ class Qcow2Writer:
                 self._l2[plan.new_offset] = plan.table
                 self._dirty_tables.add(plan.new_offset)
                 self._dirty_l1.add(l1i)
+        # The tables in memory point at the new clusters now: a failure of
+        # the write-back below must not release them.
+        self._refs.commit_allocations()
         self._pending_drops.update(drops)
         self._pending_bytes += sum(len(buf) for _, bufs in writes for buf in bufs)
         if (self._pending_bytes >= WRITE_BACK_BYTES or
@@ -621,9 +696,13 @@ class Qcow2Writer:
             self._write_back_pending()
 
     def _write_back_pending(self):
-        """Write-back mode: steps 1-3 for every staged write.  A failure
-        keeps what is still pending for the next try.  Raises NoSpace, OSError."""
-        if not (self._dirty_tables or self._dirty_l1 or self._pending_drops):
+        """Steps 1-3 for every staged write (write-back mode) or for what a
+        failed write left pending (both modes).  A failure keeps what is
+        still pending for the next try.  Raises NoSpace, OSError."""
+        if not (self._dirty_tables or self._dirty_l1 or self._pending_drops
+                or self._refs is not None and self._refs.pending):
+            # (Refcounts alone: those a failed write gave back, or those a
+            # failed release left unwritten.)
             return
         try:
             io, refs = self._io, self._refcounts()

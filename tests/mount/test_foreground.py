@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.support.mounting import SNAPFS, force_unmount, snapfs, snapfs_mounts
+from tests.support.mounting import SNAPFS, force_unmount, snapfs, snapfs_mounts, wait_for
 
 DISK_SIZE = 4 << 20
 BUSY = "is busy"
@@ -22,14 +22,6 @@ def vm_store(store):
     snapfs("vm", "add", store, "vm", "--disk", "sda=4M")
     return store
 
-
-def _wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 class ForegroundMount:
@@ -53,7 +45,7 @@ class ForegroundMount:
         return [line for line in self.stderr().splitlines() if BUSY in line]
 
     def wait_until_mounted(self):
-        assert _wait_for(lambda: self.mounted() or self.proc.poll() is not None), self.stderr()
+        assert wait_for(lambda: self.mounted() or self.proc.poll() is not None), self.stderr()
         assert self.mounted(), f"the daemon exited ({self.proc.returncode}):\n{self.stderr()}"
 
     def interrupt_while_busy(self, signum=signal.SIGINT):
@@ -61,7 +53,7 @@ class ForegroundMount:
         once and go on serving."""
         before = len(self.busy_lines())
         self.proc.send_signal(signum)
-        assert _wait_for(lambda: len(self.busy_lines()) > before or self.proc.poll() is not None)
+        assert wait_for(lambda: len(self.busy_lines()) > before or self.proc.poll() is not None)
         # Give a wrong (lazy) unmount the time to take effect before looking.
         time.sleep(2)
         assert self.proc.poll() is None, f"the daemon exited:\n{self.stderr()}"
@@ -166,7 +158,7 @@ def test_loop_device_keeps_mount_until_detached(foreground):
         subprocess.run(["losetup", "-d", loop], check=True, capture_output=True)
     # losetup -d returns before the kernel has let go of the view; the
     # mount stays busy until then.
-    assert _wait_for(lambda: _loop_backing(loop) != str(view))
+    assert wait_for(lambda: _loop_backing(loop) != str(view))
     foreground.interrupt_and_exit(signal.SIGINT)
 
 
@@ -179,15 +171,15 @@ def test_background_daemon_refuses_sigterm_while_busy(tmp_path, vm_store):
     f = open(mnt / "vm" / "active" / "sda.raw", "rb")
     try:
         os.kill(pid, signal.SIGTERM)
-        assert _wait_for(lambda: BUSY in log_file.read_text())
+        assert wait_for(lambda: BUSY in log_file.read_text())
         time.sleep(2)
         assert str(mnt) in snapfs_mounts()
         assert _uncached_pread(f.fileno(), 0) == bytes(4096)
         f.close()
         os.kill(pid, signal.SIGTERM)
-        assert _wait_for(lambda: str(mnt) not in snapfs_mounts())
+        assert wait_for(lambda: str(mnt) not in snapfs_mounts())
         # The daemon released the store: it can be changed again.
-        assert _wait_for(lambda: not _alive(pid))
+        assert wait_for(lambda: not _alive(pid))
         snapfs("vm", "add", vm_store, "db", "--disk", "sda=1M")
     finally:
         f.close()

@@ -172,6 +172,43 @@ def test_finding3_names_that_are_not_utf8_or_hold_control_characters(tmp_path, s
     assert snapfs("check", store).returncode == 0
 
 
+# -- finding 4: no EIO for snapshots that are never deleted -------------------------------
+
+def test_finding4_a_snapshot_whose_chain_a_merge_changed_reads_through_old_handles(
+        tmp_path, store):
+    """A directory of snapshot k looked up before a merge changed k's chain
+    (the kernel keeps such inodes): listing it, and opening k's view
+    through it, used to fail with EIO ("unknown volume"): the merge had
+    removed k's own volume (commit direction), and the old node still
+    named it."""
+    snapfs("vm", "add", store, "vm", "--disk", "sda=8M")
+    with mounted(store, tmp_path / "mnt") as mnt:
+        vm = mnt / "vm"
+        os.mkdir(vm / "snapshots" / "a")
+        with open(vm / "active" / "sda.raw", "r+b") as f:
+            f.write(b"\x01" * 4 * MiB)                # b's layer: big
+        os.mkdir(vm / "snapshots" / "b")
+        with open(vm / "active" / "sda.raw", "r+b") as f:
+            f.write(b"\x02" * 65536)                  # k's layer: small
+        os.mkdir(vm / "snapshots" / "k")
+        with open(vm / "active" / "sda.raw", "r+b") as f:
+            f.write(b"\x03" * 4096)
+        want = (b"\x02" * 65536 + b"\x01" * (4 * MiB - 65536)).ljust(8 * MiB, b"\x00")
+        fd = os.open(vm / "snapshots" / "k", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            control(vm, "delete", "b\n")              # commit: k's volume merged away
+            assert "commit" in json.dumps(status(vm)["last_operation"])
+            assert sorted(os.listdir(fd)) == ["sda.raw", "snapshot.json"]
+            view = os.open("sda.raw", os.O_RDONLY, dir_fd=fd)
+            try:
+                assert os.pread(view, 8 * MiB, 0) == want
+            finally:
+                os.close(view)
+        finally:
+            os.close(fd)
+        assert (vm / "snapshots" / "k" / "sda.raw").read_bytes() == want
+
+
 # -- finding 5: replaced volumes are closed ----------------------------------------------
 
 def test_finding5_deleted_volumes_are_not_kept_open(tmp_path, store):
@@ -199,6 +236,40 @@ def test_finding5_deleted_volumes_are_not_kept_open(tmp_path, store):
         held = [t for t in os.listdir(f"/proc/{pid}/fd")]
         # One descriptor per volume at most, plus the daemon's own few.
         assert len(held) <= volumes + 16, held
+
+
+def test_finding5_a_daemon_limited_to_128_files_keeps_working(tmp_path, store):
+    """With an fd limit of 128, deletes gave EIO and reads EMFILE: each
+    merge left the replaced volumes open.  60 creates and deletes, each
+    snapshot read, then 40 snapshots kept and all read."""
+    snapfs("vm", "add", store, "vm", "--disk", "sda=4M", "--disk", "sdb=1M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["prlimit", "--nofile=128:128", sys.executable, "-m", "snapfs.cli", "mount",
+                    str(store), str(mnt)], check=True)
+    try:
+        vm = mnt / "vm"
+        snaps = vm / "snapshots"
+        for i in range(60):
+            with open(vm / "active" / "sda.raw", "r+b") as f:
+                f.seek(i * 4096)
+                f.write(bytes([i + 1]) * 4096)
+            os.mkdir(snaps / f"s{i}")
+            assert (snaps / f"s{i}" / "sda.raw").read_bytes()[i * 4096] == i + 1
+            (snaps / f"s{i}" / "sdb.raw").read_bytes()
+            if i:
+                os.rmdir(snaps / f"s{i - 1}")
+                wait_idle(vm)
+        for i in range(40):
+            os.mkdir(snaps / f"k{i}")
+        for i in range(40):
+            view = (snaps / f"k{i}" / "sda.raw").read_bytes()
+            assert view[59 * 4096] == 60 and view[60 * 4096] == 0
+        assert deleted_files(daemon_pid(store), store) == []
+    finally:
+        if snapfs("umount", mnt, check=False).returncode:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert snapfs("check", store).returncode == 0
 
 
 # -- finding 9: a command is one complete line ---------------------------------------------

@@ -7,12 +7,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.mounting import SNAPFS, force_unmount, mounted, snapfs, snapfs_mounts
+from tests.support.mounting import (
+    SNAPFS, force_unmount, mounted, snapfs, snapfs_mounts, wait_for,
+)
 
 
 @pytest.fixture
@@ -20,14 +21,6 @@ def small_store(store):
     snapfs("vm", "add", store, "web", "--disk", "sda=1M")
     return store
 
-
-def _wait_for(predicate, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _mount_options(mnt):
@@ -69,7 +62,7 @@ def test_foreground_mount_ends_on_sigterm(tmp_path, small_store):
     mnt.mkdir()
     proc = subprocess.Popen(SNAPFS + ["mount", "--foreground", str(small_store), str(mnt)])
     try:
-        assert _wait_for(lambda: str(mnt) in snapfs_mounts())
+        assert wait_for(lambda: str(mnt) in snapfs_mounts())
         assert os.listdir(mnt) == ["web"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
@@ -89,7 +82,7 @@ def test_background_daemon_unmounts_on_sigterm(tmp_path, small_store):
         holder = (small_store / "lock").read_text()
         pid = int(holder.split()[1].rstrip(":"))
         os.kill(pid, signal.SIGTERM)
-        assert _wait_for(lambda: str(mnt) not in snapfs_mounts())
+        assert wait_for(lambda: str(mnt) not in snapfs_mounts())
     finally:
         force_unmount(mnt)
 

@@ -1,5 +1,6 @@
 """A mount keeps the store private too: the volumes it creates and its own
-log are 0600, whatever the umask it was started with."""
+log are 0600, whatever the umask it was started with (finding 8 of the
+hardening issue)."""
 
 import os
 

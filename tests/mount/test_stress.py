@@ -62,7 +62,10 @@ class Run:
         self.lock = threading.Lock()
         self.errors = []          # unexpected: (what, errno or exception)
         self.counts = {}
-        self.temp = []            # names of snapshots made by the run
+        self.temp = []            # names of snapshots made by the run, to delete
+        # Snapshots made during the run and never deleted: merges of their
+        # neighbours change their chains under their readers.
+        self.kept = {}            # (snapshot, disk) -> sha256
 
     def count(self, what):
         with self.lock:
@@ -86,8 +89,14 @@ def creator(run):
                 os.mkdir(run.vm / "snapshots" / name)
             else:
                 command(run.vm / "control" / "create", f"{name} made by the stress run\n")
-            with run.lock:
-                run.temp.append(name)
+            if i % 8 == 1:
+                digests = {(name, d): digest(run.vm / "snapshots" / name / f"{d}.raw")
+                           for d in DISKS}
+                with run.lock:
+                    run.kept.update(digests)
+            else:
+                with run.lock:
+                    run.temp.append(name)
             run.count("created")
         except OSError as e:
             if e.errno not in OPERATION_ERRNOS:
@@ -123,7 +132,9 @@ def reader(run, expected):
     """Reads the never-deleted snapshots whole, and now and then the newest
     snapshot of the run (which may go away: ENOENT), never an EIO."""
     while run.going():
-        for (snap, disk), want in expected.items():
+        with run.lock:
+            views = list(expected.items()) + list(run.kept.items())
+        for (snap, disk), want in views:
             path = run.vm / "snapshots" / snap / f"{disk}.raw"
             try:
                 got = digest(path)
@@ -212,8 +223,9 @@ def test_concurrent_creates_deletes_reads_and_writes(tmp_path, store):
         while '"state": "running"' in (vm / "control" / "status").read_text():
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        for (snap, disk), want in expected.items():
+        for (snap, disk), want in list(expected.items()) + list(run.kept.items()):
             assert digest(vm / "snapshots" / snap / f"{disk}.raw") == want
+        assert len(run.kept) >= 2 * len(DISKS)
         assert deleted_files(pid, store) == []
         volumes = len(os.listdir(Path(store) / "vms" / "vm")) - 1
         assert len(open_files(pid)) <= volumes + 24
@@ -231,11 +243,13 @@ def test_concurrent_creates_deletes_reads_and_writes(tmp_path, store):
     # snapshots read as they did.
     assert snapfs("check", store).returncode == 0
     m = json.loads((Path(store) / "vms" / "vm" / "manifest.json").read_text())
+    expected.update(run.kept)
     for snap in m["snapshots"]:
-        if snap["name"] in KEEP:
-            for disk in DISKS:
+        for disk in DISKS:
+            if (snap["name"], disk) in expected:
                 vol = Path(store) / "vms" / "vm" / snap["volumes"][disk]
-                assert hashlib.sha256(qemu.to_raw(vol)).hexdigest() == expected[(snap["name"], disk)]
+                assert hashlib.sha256(qemu.to_raw(vol)).hexdigest() == \
+                    expected[(snap["name"], disk)], (snap["name"], disk)
     for vol in (Path(store) / "vms" / "vm").iterdir():
         if vol.name != "manifest.json":
             assert qemu.is_clean(qemu.check(vol)), vol

@@ -18,6 +18,17 @@ def snapfs(*args, check=True):
     return result
 
 
+def wait_for(predicate, timeout=10):
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass;
+    returns its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
 def snapfs_mounts():
     """Mount points of every snapfs mount on the machine."""
     with open("/proc/self/mountinfo") as f:

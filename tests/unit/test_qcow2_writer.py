@@ -18,8 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapfs.errors import CorruptImage
+from snapfs.errors import CorruptImage, NoSpace
 from snapfs.qcow2 import structs as S
+from snapfs.qcow2 import writer as writer_module
 from snapfs.qcow2.mapping import COMPRESSED, DATA, ZERO
 from snapfs.qcow2.writer import Qcow2Writer
 from tests.support import qemu
@@ -472,6 +473,190 @@ def test_write_back_crash_at_every_step(tmp_path, name, seed):
             got = view[start:start + cluster]
             assert any(got == m[start:start + cluster] for m in states), \
                 (kill_at, seen[-1], flushed, started, start)
+
+
+# --------------------------------------------------------------------------
+# 3b. ENOSPC at every write (tests/unit/test_writer_enospc.py: a real full
+# file system)
+
+class _NoSpaceAt:
+    """Make the ``at``-th pwrite/pwritev/fdatasync of the writer's file
+    (``fd``, set once it is open) fail with ENOSPC, once.  A failing write
+    that extends the file lands its first half, as a real one may.
+    ``where``: the functions on the stack at the failure; ``after``: the
+    writer's last step before it (``on_step``).  ``extending``: count only
+    the writes that extend the file."""
+
+    def __init__(self, monkeypatch, at, extending=False):
+        self.fd, self.at, self.calls, self.where = None, at, 0, None
+        self.step = self.after = None
+        real_pwritev, real_sync = os.pwritev, os.fdatasync
+
+        def fail(fd, buffers, offset):
+            if fd != self.fd or self.where is not None:
+                return
+            if extending and (buffers is None or offset + sum(len(b) for b in buffers)
+                              <= os.fstat(fd).st_size):
+                return
+            self.calls += 1
+            if self.calls != self.at:
+                return
+            self.where = {f.name for f in traceback.extract_stack()}
+            self.after = self.step
+            if buffers is not None:
+                data = b"".join(bytes(b) for b in buffers)
+                if offset + len(data) > os.fstat(fd).st_size:
+                    real_pwritev(fd, [data[:len(data) // 2]], offset)
+            raise OSError(errno.ENOSPC, "injected: no space left on device")
+
+        def pwrite(fd, data, offset):
+            fail(fd, [data], offset)
+            return real_pwritev(fd, [data], offset)
+
+        def pwritev(fd, buffers, offset):
+            fail(fd, buffers, offset)
+            return real_pwritev(fd, buffers, offset)
+
+        def fdatasync(fd):
+            fail(fd, None, 0)
+            return real_sync(fd)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    def on_step(self, name):
+        self.step = name
+
+
+def _assert_old_or_new(view, old, new, context):
+    """Each byte of ``view`` as in ``old`` or as in ``new``."""
+    for start in range(0, len(view), 4096):
+        got = view[start:start + 4096]
+        if got in (old[start:start + 4096], new[start:start + 4096]):
+            continue
+        for i, (g, a, b) in enumerate(zip(got, old[start:start + 4096], new[start:start + 4096])):
+            assert g in (a, b), (context, start + i, g, a, b)
+
+
+def _enospc_round(path, pristine, below_view, ops, models, at, write_back, monkeypatch):
+    """One run of ``ops`` with ENOSPC at write call ``at``: the failed op
+    leaves its range old or new and leaks nothing; the writer then finishes
+    the ops.  Returns (the functions on the stack at the failure, the
+    writer's last step before it), None if the ops made fewer than ``at``
+    write calls."""
+    shutil.copyfile(pristine, path)
+    context = (at, write_back)
+    with monkeypatch.context() as m:
+        inject = _NoSpaceAt(m, at)
+        below = _below_of(below_view) if below_view is not None else None
+        with Qcow2Writer(path, below, inject.on_step, write_back=write_back) as w:
+            inject.fd = w.fd
+            failed = None
+            for i, op in enumerate(ops):
+                try:
+                    _apply(w, None, op)
+                except NoSpace:
+                    failed = i
+                    break
+            if failed is not None:
+                # The writer shows nothing of what was not written.
+                _assert_old_or_new(w.read(0, w.size), models[failed], models[failed + 1],
+                                   context)
+            try:
+                w.flush()
+            except NoSpace:
+                assert inject.where is not None and failed is None
+                w.flush()
+            if inject.where is None:
+                return None
+            # The sync of the header switch to a new refcount table failed:
+            # whether the switch is on disk is unknown, as after a crash, so
+            # the old table is never freed (a leak, the only one allowed).
+            may_leak = inject.after == "reftable" and "fdatasync" in inject.where
+            _assert_clean_or_leaks(path, may_leak, (context, sorted(inject.where)))
+            view = qemu.to_raw(path)
+            if failed is None:       # the flush failed, then made it
+                assert view == models[-1], context
+                return inject.where, inject.after
+            _assert_old_or_new(view, models[failed], models[failed + 1], context)
+            assert w.read(0, w.size) == view, context
+            model = bytearray(view)
+            for op in ops[failed:]:     # the failed op again, and the rest
+                _apply(w, model, op)
+    _assert_clean_or_leaks(path, may_leak, context)
+    assert qemu.to_raw(path) == model, context
+    return inject.where, inject.after
+
+
+def _assert_clean_or_leaks(path, may_leak, context):
+    report = qemu.check(path)
+    if may_leak:
+        assert report["returncode"] in (0, 3) and not report.get("corruptions"), (context, report)
+    else:
+        assert qemu.is_clean(report), (context, report)
+
+
+@pytest.mark.parametrize("write_back", [False, True, "often"])
+@pytest.mark.parametrize("name,seed", [("tiny-clusters", 0), ("extended-l2", 1), ("v2", 0)])
+def test_enospc_at_every_write_call(tmp_path, monkeypatch, name, seed, write_back):
+    """ENOSPC (or EDQUOT) can hit any write or sync: wherever it does, the
+    failed write gives back what it allocated (qemu-img check finds no
+    leak), and nothing else changes.  ``often``: write-back mode writing
+    its tables back after every 16 KiB of data, inside write()."""
+    if write_back == "often":
+        monkeypatch.setattr(writer_module, "WRITE_BACK_BYTES", 16 * KiB)
+    path, below_view, ops = _setup_crash_image(tmp_path, name, seed)
+    pristine, _, _, models = _crash_baseline(tmp_path, path, ops)
+    hits = []     # (functions on the stack, last step) of each failure
+    while True:
+        hit = _enospc_round(path, pristine, below_view, ops, models, len(hits) + 1,
+                            bool(write_back), monkeypatch)
+        if hit is None:
+            break
+        hits.append(hit)
+
+    def failed_in(*functions, after=None):
+        return any(set(functions) <= where and after in (None, step) for where, step in hits)
+
+    # The failures hit the places this test is about.
+    assert failed_in("pwrite_runs") and failed_in("write_dirty") and failed_in("fdatasync")
+    if name == "tiny-clusters":
+        assert failed_in("_grow") and failed_in("link_new_blocks")
+    if write_back == "often":
+        assert failed_in("_stage", "_write_back_pending")    # a write-back inside write()
+    elif write_back:
+        assert failed_in("flush", "_write_back_pending")
+    else:
+        assert failed_in("_write", after="data")    # writing pointers: the rest left pending
+
+
+@pytest.mark.parametrize("write_back", [False, True])
+def test_cluster_given_back_by_a_failed_write_is_reused_clean(tmp_path, monkeypatch, write_back):
+    """The clusters a failed write gives back may hold part of its data (a
+    short write, then ENOSPC), past the end of the file the writer knew.
+    Reused for part of a fresh cluster, the rest must read as zeros, not as
+    the failed write's bytes."""
+    path = str(tmp_path / "r.qcow2")
+    _create(path, 1 * MiB, "cluster_size=4k")
+    qemu.qemu_io(path, "write -P 1 0 4k")    # the L2 table exists: the write allocates data only
+    model = bytearray(qemu.to_raw(path))
+    with Qcow2Writer(path, write_back=write_back) as w:
+        with monkeypatch.context() as m:
+            inject = _NoSpaceAt(m, 1, extending=True)
+            inject.fd = w.fd
+            size = os.path.getsize(path)
+            with pytest.raises(NoSpace):
+                w.write(64 * KiB, b"\xaa" * (16 * KiB))
+            assert os.path.getsize(path) == size + 8 * KiB   # half of it landed
+        assert w.read(0, w.size) == model    # nothing points at it
+        for i in range(4):     # reuse the four clusters given back
+            offset = 512 * KiB + i * 64 * KiB + 100
+            w.write(offset, b"\x55" * 100)
+            model[offset:offset + 100] = b"\x55" * 100
+        assert w.read(0, w.size) == model
+    _assert_clean(path)
+    assert qemu.to_raw(path) == model
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Store files are private to their owner whatever the umask (files 0600,
-directories 0700), `snapfs check` flags and repairs looser modes, and
-leftover manifest temp files are removed when a writer opens the store."""
+directories 0700), `snapfs check` flags and repairs looser modes (finding 8
+of the hardening issue), and leftover manifest temp files are removed when
+a writer opens the store (finding 6a)."""
 
 import errno
 import os
