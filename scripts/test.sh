@@ -9,4 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: the mount tests need root (FUSE, loop devices); run as root" >&2
     exit 1
 fi
+# The layers of DESIGN.md section 6 (pyproject.toml [tool.importlinter]):
+# a module that imports against them fails the run before any test does.
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -11,8 +11,8 @@ import sys
 
 from . import __version__
 from .errors import SnapfsError
-from .sizes import human
-from .store import Store
+from .store.sizes import human
+from .store.store import Store
 
 log = logging.getLogger("snapfs")
 
@@ -151,7 +151,7 @@ def cmd_init(args):
 
 
 def cmd_vm_add(args):
-    from .importer import add_vm
+    from .ops.importer import add_vm
     store = Store.open(args.store)
     _locked(store, f"snapfs vm add {args.vm}")
     try:
@@ -220,13 +220,13 @@ def _locked(store, purpose):
 
 
 def _recover(store):
-    from .operations import recover
+    from .ops.recovery import recover
     for line in recover(store):
         print(f"snapfs: recovered: {line}", file=sys.stderr)
 
 
 def cmd_snapshot_op(args):
-    from .operations import VmOperations
+    from .ops.operations import VmOperations
     store = Store.open(args.store)
     _locked(store, f"snapfs snapshot {args.op} {args.vm}")
     try:
@@ -273,7 +273,7 @@ def _bar_updater(bar):
 
 
 def cmd_check(args):
-    from .check import StoreChecker
+    from .store.check import StoreChecker
     from .errors import StoreLocked
     store = Store.open(args.store)
     locked = False
@@ -307,19 +307,19 @@ def _report_check(checker):
 
 
 def cmd_mount(args):
-    from .mount import mount
+    from .fs.mount import mount
     options = [o for group in args.options for o in group.split(",") if o]
     mount(args.store, args.mountpoint, options, foreground=args.foreground,
           log_file=args.log, debug=args.debug)
 
 
 def cmd_umount(args):
-    from .mount import umount
+    from .fs.mount import umount
     umount(args.mountpoint)
 
 
 def cmd_inspect(args):
-    from .volume import Qcow2Volume
+    from .store.volume import Qcow2Volume
     from .errors import ImageError
     try:
         vol = Qcow2Volume(args.image)

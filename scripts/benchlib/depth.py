@@ -154,8 +154,8 @@ def qemu_write(path, group, sources):
 def build_vm(store_path, vm, depth, base, sources, writes):
     """Import ``base`` as ``vm``, then write each group and snapshot it:
     ``depth`` snapshots, the newest with a chain of ``depth`` volumes."""
-    from snapfs.operations import VmOperations
-    from snapfs.store import Store
+    from snapfs.ops.operations import VmOperations
+    from snapfs.store.store import Store
     run(*SNAPFS, "vm", "add", store_path, vm, "--disk", f"sda={base}", cwd=ROOT)
     store = Store.open(store_path)
     store.acquire_lock("depth benchmark: building")
@@ -174,7 +174,7 @@ def build_vm(store_path, vm, depth, base, sources, writes):
 
 def newest(store_path, vm):
     """(snapshot name, volume path, chain depth) of ``vm``'s newest snapshot."""
-    from snapfs.store import Store
+    from snapfs.store.store import Store
     store = Store.open(store_path)
     m = store.load_vm(vm)
     snap = m.snapshots[-1]
@@ -341,7 +341,7 @@ def measure_reads(store, mnt, names, size, runs):
 def measure_create(work, store, runs):
     """{vm: [seconds]} of ``snapfs snapshot create`` through the CLI."""
     env = snapfs_env(work)
-    run(sys.executable, "-c", "import snapfs.cli, snapfs.operations, snapfs.merge, tqdm",
+    run(sys.executable, "-c", "import snapfs.cli, snapfs.ops.operations, snapfs.ops.merge, tqdm",
         cwd=ROOT, env=env)                # fills the bytecode cache
     out = {vm: [] for vm in DEPTHS}
     for r in range(runs):

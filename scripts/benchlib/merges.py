@@ -170,7 +170,7 @@ def build(work, scenario, disk_size, moved):
         parent = layer
     store = d / "store"
     env = snapfs_env(work)
-    run(sys.executable, "-c", "import snapfs.cli, snapfs.operations, snapfs.merge, tqdm",
+    run(sys.executable, "-c", "import snapfs.cli, snapfs.ops.operations, snapfs.ops.merge, tqdm",
         cwd=ROOT, env=env)                # fills the bytecode cache
     run(*SNAPFS, "init", store, cwd=ROOT, env=env)
     run(*SNAPFS, "vm", "add", store, VM, "--disk", f"sda={images / 'top.qcow2'}",

@@ -138,7 +138,7 @@ def one_side(view, size, out):
 
 
 def measure(work, quick, runs):
-    from snapfs.mount import READ_AHEAD_KB
+    from snapfs.fs.mount import READ_AHEAD_KB
     work.mkdir(parents=True)
     size = (256 if quick else 2048) * MiB
     print(f"bench: reads: building a 4-layer chain of {size // MiB} MiB", file=sys.stderr)

@@ -4,7 +4,7 @@ Row 8 -- a store of 200 VMs x 20 snapshots (--quick: 40 x 20), each VM with
 one 1-8 GiB disk whose base holds an MBR with two partitions and a little
 data, and 128 KiB written in every layer.  Four template chains are built
 with sfdisk/qemu-img/qemu-io, then every VM is imported in-process with the
-project's own ``snapfs.importer.add_vm`` (what ``snapfs vm add`` runs), so
+project's own ``snapfs.ops.importer.add_vm`` (what ``snapfs vm add`` runs), so
 the store is exactly what the CLI makes (~15-25 s at 200 VMs).
 
 Each run, with a fresh daemon each time:
@@ -41,7 +41,7 @@ RSS (VmHWM) is the measure, from one pass of a fresh mount (a peak is a
 maximum, not a median: more passes would only repeat it).  ~6 GiB go
 through FUSE per pass at default size.
 
-The bound, from the design (snapfs/volume.py, chain.py, qcow2/mapping.py):
+The bound, from the design (snapfs/store/volume.py, chain.py, qcow2/mapping.py):
 
     peak RSS <= B0            the daemon once mounted (interpreter, pyfuse3,
                               trio, construct, the VM's manifest): measured
@@ -59,7 +59,7 @@ The bound, from the design (snapfs/volume.py, chain.py, qcow2/mapping.py):
                               clusters, read once per volume and dropped, and
                               so are the L2 tables); here ~1,400 extents per
                               chain (each compressed cluster is one): < 5 MB
-              + slack         malloc's, with one arena (see snapfs/malloc_arena.py,
+              + slack         malloc's, with one arena (see snapfs/fs/malloc_arena.py,
                               one_malloc_arena): 10 MB
 
     = 40 + 67 + 34 + 5 + 10 = 156 MB, stated as BOUND_MB = 160 MB.
@@ -171,8 +171,8 @@ def write_layers(directory, writes):
 
 
 def build_store(work, vms):
-    from snapfs.importer import add_vm
-    from snapfs.store import Store
+    from snapfs.ops.importer import add_vm
+    from snapfs.store.store import Store
     with no_fsync():
         tops = [build_template(work / f"template{i}", size, SEED + i)
                 for i, size in enumerate(TEMPLATE_SIZES)]
@@ -232,8 +232,8 @@ def check_daemon_pid(mount):
 def warm_program():
     """Read the interpreter's and snapfs's own files back into the page cache
     (imports only; the store is not touched)."""
-    run(sys.executable, "-c", "import snapfs.cli, snapfs.mount, snapfs.fuse, snapfs.vfs, "
-        "snapfs.operations", cwd=ROOT)
+    run(sys.executable, "-c", "import snapfs.cli, snapfs.fs.mount, snapfs.fs.fuse, snapfs.fs.vfs, "
+        "snapfs.ops.operations", cwd=ROOT)
 
 
 def mount_and_list(store, mnt):

@@ -1,7 +1,9 @@
-"""The qcow2 format: header, mapping, internal snapshots, and a small writer.
+"""The qcow2 format: header, mapping, internal snapshots, new images and a
+writer that keeps every image consistent at every instant.
 
-Reference: QEMU's docs/interop/qcow2.txt.  Everything here treats the image
-as untrusted input; see ``header.py`` for the bounds that are enforced.
+The bottom layer.  It imports only ``snapfs.errors``: nothing here knows of
+stores, VMs or mounts.  Reference: QEMU's docs/interop/qcow2.txt.  Every
+image is untrusted input; ``header.py`` holds the bounds enforced.
 """
 
 from .header import Header, read_header

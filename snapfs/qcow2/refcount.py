@@ -25,7 +25,7 @@ from array import array
 from collections import OrderedDict
 
 from ..errors import CorruptImage, NoSpace
-from ..filerange import FileRange
+from .filerange import FileRange
 from .header import MAX_REFTABLE_BYTES
 from .mapping import read_u64_table
 

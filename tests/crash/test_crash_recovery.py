@@ -22,7 +22,7 @@ process SIGKILLs itself there) and checks that:
   then passes ``snapfs check``.
 
 The qcow2 writer's internal ordering points are crash points too
-(``write:*``, see snapfs/writers.py), so kills also
+(``write:*``, see snapfs/store/writers.py), so kills also
 land inside a write batch.  ``test_crash_during_recovery`` kills recovery
 itself at each of its crash points and recovers again.
 

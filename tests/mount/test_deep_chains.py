@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from snapfs.chain import MAX_CHAIN_DEPTH
+from snapfs.store.chain import MAX_CHAIN_DEPTH
 from snapfs.errors import ChainTooDeep
-from snapfs.operations import VmOperations
-from snapfs.store import Store
+from snapfs.ops.operations import VmOperations
+from snapfs.store.store import Store
 from tests.support import qemu
 from tests.support.mounting import mounted, snapfs
 
@@ -37,7 +37,7 @@ def test_the_limit_is_far_above_a_year_of_nightly_snapshots():
 
 def test_a_snapshot_past_the_limit_is_refused_before_anything_is_written(store, monkeypatch):
     snapfs("vm", "add", store, "vm", "--disk", "sda=1M", "--disk", "sdb=1M")
-    monkeypatch.setattr("snapfs.operations.MAX_CHAIN_DEPTH", 4)
+    monkeypatch.setattr("snapfs.ops.operations.MAX_CHAIN_DEPTH", 4)
     ops = VmOperations(Store.open(store), "vm")
     for name in ("a", "b", "c"):
         ops.create(name)
@@ -48,10 +48,10 @@ def test_a_snapshot_past_the_limit_is_refused_before_anything_is_written(store, 
     assert e.value.errno == errno.EMLINK
     assert "delete a snapshot first" in str(e.value)
     # A preview's overlay adds a layer on the snapshot's own chain.
-    monkeypatch.setattr("snapfs.operations.MAX_CHAIN_DEPTH", 3)
+    monkeypatch.setattr("snapfs.ops.operations.MAX_CHAIN_DEPTH", 3)
     with pytest.raises(ChainTooDeep):
         ops.preview("c")
-    monkeypatch.setattr("snapfs.operations.MAX_CHAIN_DEPTH", 4)
+    monkeypatch.setattr("snapfs.ops.operations.MAX_CHAIN_DEPTH", 4)
     assert sorted(os.listdir(Path(store) / "vms" / "vm")) == before
     assert (Path(store) / "vms" / "vm" / "manifest.json").read_bytes() == text
     # Deleting one makes room again.

@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from snapfs import operations
+from snapfs.ops import operations
 from snapfs.errors import NoSpace
-from snapfs.operations import VmOperations
-from snapfs.store import Store
+from snapfs.ops.operations import VmOperations
+from snapfs.store.store import Store
 from tests.support.mounting import mounted, snapfs
 from tests.support.qemu import check, qemu_img, qemu_io, to_raw
 

@@ -5,7 +5,7 @@ hardening issue)."""
 import os
 
 from tests.support.mounting import mounted, snapfs
-from tests.unit.test_store_privacy import cli, loose_modes
+from tests.support.privacy import cli, loose_modes
 
 
 def test_a_mount_creates_private_files(tmp_path):

@@ -1,6 +1,6 @@
 """Walking a Vfs by names, as the kernel's lookups would."""
 
-from snapfs.vfs import ROOT_INODE
+from snapfs.fs.vfs import ROOT_INODE
 
 
 def path(vfs, *names):

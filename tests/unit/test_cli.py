@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from snapfs.store import Store
+from snapfs.store.store import Store
 from tests.support.mounting import snapfs
 from tests.support.qemu import qemu_img, qemu_io
 

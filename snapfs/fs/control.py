@@ -1,0 +1,70 @@
+"""Commands written to ``<vm>/control/*``: one command per line.
+
+The kernel splits a big write() into several FUSE write requests, and a
+program may write one line in several write() calls, so requests are not
+commands: each open file collects bytes, and every complete line is one
+command.  A line still open when the file is closed (``printf NAME``, no
+newline) runs at close; its error is close()'s.
+
+A line is at most MAX_COMMAND_BYTES.  Past that, the open file takes no
+more commands (EINVAL for this and every later write): the rest of the
+line can not be told from a new command.
+"""
+
+from ..errors import InvalidArgument
+
+MAX_COMMAND_BYTES = 4096
+
+
+def complete_lines(handle, data):
+    """Append ``data`` to the open file's pending bytes; return the
+    commands (str) completed by it, in order.  Raises InvalidArgument for
+    a line that is too long (and from then on) or that is not UTF-8."""
+    if handle.error is not None:
+        raise handle.error
+    pending = handle.pending
+    pending += data
+    lines = []
+    start = 0
+    while True:
+        end = pending.find(b"\n", start)
+        if end < 0:
+            break
+        lines.append(bytes(pending[start:end]))
+        start = end + 1
+    del pending[:start]
+    if len(pending) > MAX_COMMAND_BYTES or any(len(l) > MAX_COMMAND_BYTES for l in lines):
+        pending.clear()
+        handle.error = InvalidArgument(f"a control command is one line of at most "
+                                       f"{MAX_COMMAND_BYTES} bytes")
+        raise handle.error
+    return [decode(line) for line in lines]
+
+
+def take_rest(handle):
+    """The unterminated last line, if any, as a command (at close)."""
+    if handle.error is not None or not handle.pending:
+        return None
+    line = bytes(handle.pending)
+    handle.pending.clear()
+    return decode(line)
+
+
+def decode(line):
+    try:
+        return line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise InvalidArgument("control commands are UTF-8 text") from None
+
+
+def parse(command, text):
+    """(operation, arguments) of one command line of control file ``command``.
+    Raises InvalidArgument."""
+    if command == "create":
+        name, _, description = text.partition(" ")
+        return "create", (name or None, description.strip())
+    if command in ("delete", "preview"):
+        if not text:
+            raise InvalidArgument(f"control/{command} needs a snapshot name")
+        return command, (text,)
+    return command, ()     # commit, undo: any text is ignored (``echo yes > commit``)

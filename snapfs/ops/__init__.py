@@ -1,0 +1,9 @@
+"""Operations on a VM, each atomic across its disks and safe against
+crashes: create, delete by merge, rename, preview, commit, undo
+(``operations``), the steps that finish them (``finish``, ``merge``),
+recovery after a crash (``recovery``), and importing images (``importer``,
+``discover``).
+
+May import ``snapfs.store``, ``snapfs.qcow2`` and ``snapfs.errors``.  What it
+needs of a mount it asks through ``users.Users``; it knows no FUSE.
+"""

@@ -1,0 +1,276 @@
+"""Snapshot operations on one VM, each atomic across all of its disks.
+
+Every operation records its intent in the manifest before it changes any
+volume, and ``recover()`` finishes or rolls back whatever a crash
+interrupted (DESIGN.md section 4):
+
+- create / preview: the new overlays are listed first, then written; a
+  crash before the final manifest switch rolls back (the files go).
+- commit / undo: one manifest switch decides; the files it drops are
+  listed in the same write and deleted after (rolled forward).
+- delete: the snapshot leaves the namespace with the merge plan recorded;
+  the data move and relink are idempotent, so recovery rolls forward.
+- rename: one manifest write.
+
+The caller holds the store's writer lock.  Errors carry their errno:
+ENOENT unknown snapshot, EEXIST name taken, EINVAL bad name or no preview,
+EBUSY a preview is open or QEMU holds a volume, ENOSPC not enough space.
+"""
+
+import logging
+import os
+import uuid
+from datetime import datetime, timezone
+
+from ..errors import AlreadyExists, Busy, ChainTooDeep, InvalidArgument, NotFound
+from ..qcow2.create import create_image
+from ..store.chain import MAX_CHAIN_DEPTH
+from ..store.faults import crashpoint
+from ..store.inuse import held_by_qemu
+from ..store.manifest import Snapshot, fsync_dir
+from ..store.names import check_description, check_snapshot_name
+from ..store.volume import VolumePool, open_volume
+from .finish import finish_delete, finish_deletions, utc_now
+from .merge import check_space, plan_merge
+from .recovery import recover_vm
+from .users import BEFORE_PREVIEW_USE, Users, active_write_use, snapshot_use
+
+log = logging.getLogger(__name__)
+
+
+def default_snapshot_name():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+
+
+def check_depth(m, parents):
+    """Refuse, before anything is written, a layer on ``parents`` (disk ->
+    volume) that would make a chain deeper than the store keeps: every
+    load of the VM would fail after it."""
+    for disk in m.disks:
+        depth = len(m.chain(parents[disk])) + 1
+        if depth > MAX_CHAIN_DEPTH:
+            raise ChainTooDeep(f"VM {m.name}: disk {disk} would have {depth} layers, more than "
+                               f"the {MAX_CHAIN_DEPTH} snapfs keeps; delete a snapshot first")
+
+
+def refuse_create(m, name, description=""):
+    """Raise what creating snapshot ``name`` of the VM of manifest ``m``
+    would raise (EINVAL, EEXIST, EBUSY, EMLINK), writing nothing."""
+    check_snapshot_name(name)
+    check_description(description)
+    if m.preview:
+        raise Busy(f"VM {m.name} has a preview open; commit or undo it first")
+    if m.snapshot(name):
+        raise AlreadyExists(f"VM {m.name} already has a snapshot named {name!r}")
+    check_depth(m, m.active)
+
+
+class VmOperations:
+    """Operations on VM ``vm`` of ``store``.  ``progress(done, total)`` is
+    called while a merge moves data; ``on_saved(manifest)`` after every
+    manifest switch, before any file the switch dropped is deleted (a mount
+    follows the new manifest at once)."""
+
+    def __init__(self, store, vm, progress=None, on_saved=None, users=None):
+        self.store = store
+        self.vm = vm
+        self.progress = progress
+        self.on_saved = on_saved
+        self.users = users or Users()
+
+    # -- helpers ------------------------------------------------------------
+
+    def _load(self):
+        m = self.store.load_vm(self.vm)
+        if m.operation is not None:
+            with self.users.hold(m.disks):
+                recover_vm(self.store, m, self._save, self.users)
+            m = self.store.load_vm(self.vm)
+        return m
+
+    def _path(self, vid):
+        return self.store.volume_path(self.vm, vid)
+
+    def _save(self, m):
+        self.store.save_vm(m)
+        if self.on_saved is not None:
+            self.on_saved(m)
+
+    def _refuse_if_in_use(self, m, vids):
+        for vid in vids:
+            if held_by_qemu(self._path(vid)):
+                raise Busy(f"volume {vid} of VM {self.vm} is in use by QEMU "
+                           f"(it holds the image lock); stop the VM first")
+
+    def _snapshot(self, m, name):
+        snap = m.snapshot(name)
+        if snap is None:
+            raise NotFound(f"VM {self.vm} has no snapshot named {name!r}")
+        return snap
+
+    def _volume_size(self, m, vid):
+        vol = open_volume(self._path(vid), m.volumes[vid]["format"])
+        try:
+            return vol.size
+        finally:
+            vol.close()
+
+    def _new_overlays(self, m, parents, op):
+        """Record, then create and fsync, one overlay per disk on ``parents``."""
+        check_depth(m, parents)
+        new = {disk: str(uuid.uuid4()) for disk in m.disks}
+        m.operation = {"op": op, "new": new}
+        self._save(m)
+        crashpoint(f"{op}:recorded")
+        for disk in m.disks:
+            parent = parents[disk]
+            create_image(self._path(new[disk]), self._volume_size(m, parent),
+                         backing=parent, backing_format=m.volumes[parent]["format"])
+            crashpoint(f"{op}:overlay")
+        fsync_dir(self.store.vm_dir(self.vm))
+        for disk in m.disks:
+            m.volumes[new[disk]] = {"disk": disk, "format": "qcow2", "parent": parents[disk]}
+        return new
+
+    def _drop_volumes(self, m, op, doomed, last):
+        """One manifest switch that forgets ``doomed``, then delete them."""
+        for vid in doomed:
+            del m.volumes[vid]
+        m.operation = {"op": op, "delete": sorted(doomed)}
+        m.last_operation = last
+        self._save(m)
+        crashpoint(f"{op}:switched")
+        finish_deletions(self.store, m, self._save)
+
+    # -- operations ---------------------------------------------------------
+
+    def create(self, name=None, description=""):
+        name = check_snapshot_name(name or default_snapshot_name())
+        m = self._load()
+        refuse_create(m, name, description)
+        self._refuse_if_in_use(m, m.active.values())
+        with self.users.hold(m.disks):
+            for vid in m.active.values():
+                _fsync_file(self._path(vid))     # what the snapshot freezes is on disk
+            old = dict(m.active)
+            m.active = self._new_overlays(m, old, "create")
+            snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(), old)
+            m.snapshots.append(snap)
+            m.operation = None
+            m.last_operation = {"op": "create", "snapshot": name, "finished": utc_now()}
+            self._save(m)
+        crashpoint("create:done")
+        return snap
+
+    def rename(self, old, new):
+        check_snapshot_name(new)
+        m = self._load()
+        snap = self._snapshot(m, old)
+        if old == new:
+            return snap
+        if m.snapshot(new):
+            raise AlreadyExists(f"VM {self.vm} already has a snapshot named {new!r}")
+        snap.name = new
+        m.last_operation = {"op": "rename", "snapshot": new, "from": old, "finished": utc_now()}
+        self._save(m)
+        crashpoint("rename:done")
+        return snap
+
+    def _refuse_if_writers(self, m, also=(), what="switching the active state"):
+        """A leaf switched under a mounted filesystem corrupts it: refuse
+        while an active view is open for writing (RHV wants the VM down)."""
+        self.users.refuse_if_open([active_write_use(d) for d in m.disks] + list(also), what)
+
+    def preview(self, name):
+        m = self._load()
+        if m.preview:
+            raise Busy(f"VM {self.vm} already has a preview open")
+        snap = self._snapshot(m, name)
+        self._refuse_if_in_use(m, m.active.values())
+        self._refuse_if_writers(m, what=f"previewing {name}")
+        with self.users.hold(m.disks):
+            before = dict(m.active)
+            m.active = self._new_overlays(m, snap.volumes, "preview")
+            m.preview = {"snapshot": snap.id, "before": before}
+            m.operation = None
+            m.last_operation = {"op": "preview", "snapshot": name, "finished": utc_now()}
+            self._save(m)
+        crashpoint("preview:done")
+
+    def commit(self):
+        """Keep the preview: snapshots newer than it and the old leaves go."""
+        m = self._load()
+        if not m.preview:
+            raise InvalidArgument(f"VM {self.vm} has no preview open")
+        self._refuse_if_in_use(m, list(m.active.values()) + list(m.preview["before"].values()))
+        index = next(i for i, s in enumerate(m.snapshots) if s.id == m.preview["snapshot"])
+        name = m.snapshots[index].name
+        newer = m.snapshots[index + 1:]
+        self._refuse_if_writers(m, [BEFORE_PREVIEW_USE] + [snapshot_use(s.id) for s in newer],
+                                what="committing the preview")
+        m.snapshots = m.snapshots[:index + 1]
+        m.preview = None
+        doomed = set(m.volumes) - m.used_volumes()
+        with self.users.hold(m.disks):
+            self._drop_volumes(m, "commit", doomed, {"op": "commit", "snapshot": name,
+                                                     "deleted_snapshots": [s.name for s in newer],
+                                                     "finished": utc_now()})
+
+    def undo(self):
+        """End the preview: the previous active leaves are active again."""
+        m = self._load()
+        if not m.preview:
+            raise InvalidArgument(f"VM {self.vm} has no preview open")
+        self._refuse_if_in_use(m, m.active.values())
+        # before-preview's bytes become active again, and change.
+        self._refuse_if_writers(m, [BEFORE_PREVIEW_USE], what="undoing the preview")
+        m.active = dict(m.preview["before"])
+        m.preview = None
+        doomed = set(m.volumes) - m.used_volumes()
+        with self.users.hold(m.disks):
+            self._drop_volumes(m, "undo", doomed, {"op": "undo", "finished": utc_now()})
+
+    def delete(self, name):
+        """Merge the snapshot's volumes away; every other view is unchanged.
+        Returns the record of what moved (direction and bytes per disk)."""
+        return self.finish_delete(self.start_delete(name))
+
+    def start_delete(self, name):
+        """Step 1 of a delete: check everything that can refuse it (ENOENT,
+        EBUSY, ENOSPC), then record it; the snapshot leaves the namespace.
+        Returns what ``finish_delete`` needs."""
+        m = self._load()
+        if m.preview:
+            raise Busy(f"VM {self.vm} has a preview open; commit or undo it first")
+        snap = self._snapshot(m, name)
+        pool = VolumePool()
+        try:
+            plans = [plan_merge(self.store, m, disk, snap.volumes[disk], pool) for disk in m.disks]
+        finally:
+            pool.close()
+        involved = [v for p in plans for v in (p.b, p.c, p.d) if v]
+        self._refuse_if_in_use(m, involved)
+        check_space(self.store.vm_dir(self.vm), plans)
+        # Its views would change under their readers (a commit-direction
+        # merge writes the deleted snapshot's own volume): refuse, as ZFS
+        # refuses to destroy a busy snapshot.
+        self.users.refuse_if_open([snapshot_use(snap.id)], f"deleting {name}")
+        m.snapshots.remove(snap)
+        m.operation = {"op": "delete", "phase": "merge", "snapshot": snap.to_json(),
+                       "disks": {p.disk: p.to_json() for p in plans}}
+        self._save(m)
+        crashpoint("delete:recorded")
+        return m, plans
+
+    def finish_delete(self, started):
+        """Steps 2-5: move the data, relink, switch the manifest, clean up."""
+        m, plans = started
+        return finish_delete(self.store, m, plans, self.progress, self._save, self.users)
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,70 @@
+"""The namespace as plain objects, without a mount."""
+
+import errno
+import json
+
+import pytest
+
+from snapfs.errors import NotFound, ReadOnly
+from snapfs.store.store import Store
+from snapfs.fs.vfs import ROOT_INODE, Vfs
+from tests.support.mounting import snapfs
+from tests.support.qemu import qemu_img, qemu_io
+from tests.support.vfstree import path
+
+
+@pytest.fixture
+def vfs(tmp_path, store):
+    src = tmp_path / "src"
+    src.mkdir()
+    qemu_img("create", "-f", "qcow2", src / "monday.qcow2", "1M")
+    qemu_io(src / "monday.qcow2", "write -P 1 0 64k", fmt="qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", "monday.qcow2", "-F", "qcow2",
+             src / "tuesday.qcow2", cwd=src)
+    qemu_img("create", "-f", "qcow2", "-b", "tuesday.qcow2", "-F", "qcow2",
+             src / "now.qcow2", cwd=src)
+    qemu_io(src / "now.qcow2", "write -P 2 0 4k", fmt="qcow2")
+    snapfs("vm", "add", store, "web", "--disk", f"sda={src / 'now.qcow2'}", "--disk", "sdb=2M")
+    v = Vfs(Store.open(store))
+    yield v
+    v.close()
+
+
+def test_layout(vfs):
+    assert [n for n, _ in vfs.listdir(ROOT_INODE)] == ["web"]
+    assert [n for n, _ in vfs.listdir(path(vfs, "web").inode)] == ["active", "snapshots", "control"]
+    snaps = path(vfs, "web", "snapshots")
+    assert [n for n, _ in vfs.listdir(snaps.inode)] == ["monday", "tuesday", "latest"]
+    assert vfs.readlink(path(vfs, "web", "snapshots", "latest").inode) == "tuesday"
+    names = [n for n, _ in vfs.listdir(path(vfs, "web", "snapshots", "monday").inode)]
+    assert names == ["sda.raw", "sdb.raw", "snapshot.json"]
+    # Inodes are stable across lookups.
+    assert path(vfs, "web", "active", "sda.raw").inode == path(vfs, "web", "active", "sda.raw").inode
+
+
+def read(vfs, node, offset, length):
+    return vfs.read(vfs.open(node.inode, writable=False), offset, length)
+
+
+def test_contents(vfs):
+    monday = path(vfs, "web", "snapshots", "monday", "sda.raw")
+    active = path(vfs, "web", "active", "sda.raw")
+    assert vfs.size(monday) == 1 << 20
+    assert read(vfs, monday, 0, 8192) == b"\x01" * 8192
+    assert read(vfs, active, 0, 8192) == b"\x02" * 4096 + b"\x01" * 4096
+    assert read(vfs, active, (1 << 20) - 10, 100) == bytes(10)
+    doc = json.loads(read(vfs, path(vfs, "web", "snapshots", "tuesday", "snapshot.json"),
+                          0, 1 << 16))
+    assert doc["name"] == "tuesday" and doc["description"] == "imported from tuesday.qcow2"
+    assert len(doc["volumes"]["sda"]["chain"]) == 2 and doc["volumes"]["sdb"]["size"] == 2 << 20
+
+
+def test_errors_carry_errno(vfs):
+    with pytest.raises(NotFound) as e:
+        path(vfs, "web", "snapshots", "friday")
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(ReadOnly) as e:
+        vfs.open(path(vfs, "web", "snapshots", "monday", "sda.raw").inode, writable=True)
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(NotFound):
+        vfs.listdir(path(vfs, "web", "active", "sda.raw").inode)
