@@ -66,6 +66,24 @@ def run(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], check=True, capture_output=True, cwd=cwd)
 
 
+def _create_luks(path: Path, attempts: int = 5) -> None:
+    """A LUKS-encrypted qcow2 made by qemu-img.  qemu times its PBKDF with
+    the thread's CPU clock before it writes anything, and fails with
+    "Unable to get accurate CPU usage" when that clock did not move (seen
+    here in about one run in ten): only that failure is tried again."""
+    for attempt in range(attempts):
+        try:
+            run("qemu-img", "create", "-q", "-f", "qcow2",
+                "--object", "secret,id=sec0,data=snapfs-luks-key",
+                "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,"
+                      "cluster_size=65536", path, "1M")
+            return
+        except subprocess.CalledProcessError as e:
+            if b"Unable to get accurate CPU usage" not in e.stderr or attempt == attempts - 1:
+                raise
+            path.unlink(missing_ok=True)
+
+
 def read_header(path: Path) -> dict[str, int]:
     raw = path.read_bytes()[:112].ljust(112, b"\0")
     return {k: struct.unpack_from(f, raw, off)[0] for k, (off, f) in FIELDS.items()}
@@ -293,10 +311,7 @@ def _header_cases(root: Path) -> list[HostileCase]:
                            _plant(host, "data_file_external")))
 
     img, _ = _dirs(root, "crypt_luks")
-    run("qemu-img", "create", "-q", "-f", "qcow2",
-        "--object", "secret,id=sec0,data=snapfs-luks-key",
-        "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=65536",
-        img / "top.qcow2", "1M")
+    _create_luks(img / "top.qcow2")
     out.append(HostileCase("crypt_luks", img / "top.qcow2", REFUSE,
                            "real LUKS-encrypted qcow2 (crypt_method=2)", None))
     return out
