@@ -116,10 +116,12 @@ def build_parser():
         c.add_argument("vm")
         c.set_defaults(func=cmd_snapshot_op, op=op)
 
-    c = sub.add_parser("check", help="verify manifests, volume files, backing links and headers")
+    c = sub.add_parser("check", help="verify manifests, volume files, backing links, headers, "
+                                     "refcounts and file modes")
     c.add_argument("store")
     c.add_argument("--repair", action="store_true",
-                   help="also remove leftover volume files that no manifest refers to")
+                   help="also remove leftover files that no manifest refers to, release leaked "
+                        "clusters and make store files private (0600, directories 0700)")
     c.set_defaults(func=cmd_check)
 
     c = sub.add_parser("mount", help="mount a store (in the background unless --foreground)")
