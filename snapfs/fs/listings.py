@@ -3,7 +3,7 @@
 A spec is a dict of Node fields plus "name"; a directory's spec carries a
 ``lister`` that makes its children's specs when it is first listed.  The
 listers open volumes and read partition tables, so they may block on disk
-I/O; snapfs.vfs calls them under its lock, from worker threads.
+I/O; fs/tree.py calls them under its lock, from worker threads.
 """
 
 import logging
@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from ..errors import NotFound, SnapfsError
+from ..ops.users import BEFORE_PREVIEW_USE, active_write_use, snapshot_use
 from ..store.chain import VolumeRef
 from .nodes import (
     ACTIVE_MODE, CONTROL_COMMANDS, CONTROL_MODE, DIR_MODE, LINK_MODE, MUTABLE_TIMEOUT,
@@ -85,9 +86,9 @@ class Listings:
             # Keyed by id, not by name or chain: a renamed snapshot keeps its
             # inode, as the kernel moves its cached entry, and so does one
             # whose chain a merge changed, since its bytes did not change
-            # (its views are retargeted: Vfs._retarget_views).
+            # (its views are retargeted: Tree._retarget_views).
             specs.append(dict(name=snap.name, mode=DIR_MODE, mtime_ns=self.time(snap.created),
-                              vm=vm, key=("snapshot", snap.id),
+                              vm=vm, key=snapshot_use(snap.id),
                               lister=lambda s=snap: self._snapshot_disks(vm, s.id)))
         if vm.manifest.snapshots:
             newest = vm.manifest.snapshots[-1]
@@ -103,7 +104,7 @@ class Listings:
             slot = vm.active[disk]
             specs.append(dict(name=f"{disk}.raw", mode=ACTIVE_MODE, mtime_ns=self.mount_time_ns,
                               view=slot, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT,
-                              owner=("active-write", disk)))
+                              owner=active_write_use(disk)))
             for part in self.active_partitions(vm, slot):
                 specs.append(self.active_partition(vm, slot, disk, part))
         return specs
@@ -112,10 +113,10 @@ class Listings:
         return dict(name=f"{disk}-part{part.number}.raw", mode=ACTIVE_MODE,
                     mtime_ns=self.mount_time_ns, vm=vm, immutable=False,
                     timeout=MUTABLE_TIMEOUT, view=PartitionView(slot, part.start, part.length),
-                    owner=("active-write", disk))
+                    owner=active_write_use(disk))
 
     def active_disk(self, vm, disk):
-        return ActiveDisk(self.pool, self._chain_refs(vm, vm.manifest.active[disk]))
+        return ActiveDisk(self.pool, self.chain_refs(vm, vm.manifest.active[disk]))
 
     def active_partitions(self, vm, slot):
         """The partitions of an active disk as it reads now.  Until its
@@ -154,9 +155,6 @@ class Listings:
             if info is not None:
                 self.pool.prime(self.store.volume_path(vm.name, vid), info["format"])
 
-    def chain_refs(self, vm, volume_id):
-        return self._chain_refs(vm, volume_id)
-
     def close(self):
         if self._opener is not None:
             self._opener.shutdown()
@@ -169,7 +167,7 @@ class Listings:
 
     # -- snapshot views ----------------------------------------------------------
 
-    def _chain_refs(self, vm, volume_id):
+    def chain_refs(self, vm, volume_id):
         """Store.chain_refs, with the VolumeRefs shared across the VM's chains."""
         m, refs = vm.manifest, vm.refs
         chain = []
@@ -192,10 +190,10 @@ class Listings:
     def _disks(self, vm, volumes, snapshot):
         m = vm.manifest
         mtime = self.time(snapshot.created) if snapshot else self.mount_time_ns
-        owner = ("snapshot", snapshot.id) if snapshot else ("before-preview",)
+        owner = snapshot_use(snapshot.id) if snapshot else BEFORE_PREVIEW_USE
         specs, views = [], {}
         for disk in m.disks:
-            view = DiskView(self.pool, self._chain_refs(vm, volumes[disk]))
+            view = DiskView(self.pool, self.chain_refs(vm, volumes[disk]))
             specs.append(dict(name=f"{disk}.raw", mode=VIEW_MODE, mtime_ns=mtime, view=view, vm=vm,
                               owner=owner))
             views[disk] = view

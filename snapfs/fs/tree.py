@@ -11,6 +11,7 @@ slots get new leaves, and nodes that left the tree let go of their files.
 
 import copy
 import logging
+import os
 import threading
 
 from ..errors import NotFound, SnapfsError
@@ -119,7 +120,7 @@ class Tree:
                     view.release()
                     continue
                 refs = self.listings.chain_refs(vm, snap.volumes[disk])
-                if refs != view.refs or any(r.path.rsplit("/", 1)[-1] in changed for r in refs):
+                if refs != view.refs or _touches(refs, changed):
                     view.retarget(refs)
             if snap is None:
                 del vm.snapshot_views[snapshot_id]
@@ -129,8 +130,7 @@ class Tree:
         slot's lock is held: by the operation that changed it, already."""
         for disk, slot in vm.active.items():
             refs = self.listings.chain_refs(vm, vm.manifest.active[disk])
-            if refs == slot.disk.refs and not any(
-                    r.path.rsplit("/", 1)[-1] in changed for r in refs[:-1]):
+            if refs == slot.disk.refs and not _touches(refs[:-1], changed):
                 continue
             with slot.lock:
                 old, slot.disk = slot.disk, self.listings.active_disk(vm, disk)
@@ -238,3 +238,8 @@ class Tree:
             self._attach(active, self.listings.active_partition(node.vm, node.view, disk, part))
         for name in set(shown) | set(wanted):
             self.notify(active.inode, name)
+
+
+def _touches(refs, changed):
+    """Whether any of the volumes ``refs`` names is in ``changed`` (ids)."""
+    return any(os.path.basename(r.path) in changed for r in refs)

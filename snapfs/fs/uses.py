@@ -19,6 +19,7 @@ import contextlib
 import time
 
 from ..errors import Busy
+from ..ops.users import is_active_write
 
 # Seconds an operation waits for releases in flight (see above): a script's
 # `cat view; rmdir snapshot` must not fail because the kernel was slow.
@@ -92,6 +93,6 @@ def _describe(vm, use):
     if use[0] == "snapshot":
         snap = next((s for s in vm.manifest.snapshots if s.id == use[1]), None)
         return f"views of snapshot {snap.name if snap else use[1]}"
-    if use[0] == "active-write":
+    if is_active_write(use):
         return f"active/{use[1]}.raw open for writing"
     return "before-preview views"

@@ -26,13 +26,14 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime
 
 from ..errors import (
     Busy, CrossDevice, InvalidArgument, NameTooLong, NotFound, NotPermitted, PermissionDenied,
     ReadOnly, SnapfsError,
 )
+from ..ops.finish import utc_now
 from ..ops.operations import VmOperations, refuse_create
+from ..ops.users import is_active_write
 from ..store.names import MAX_NAME_BYTES
 from ..store.volume import VolumePool
 from . import control
@@ -114,7 +115,7 @@ class Vfs(Tree):
             disk.check()
         handle = Handle(node)
         owner = node.owner
-        if owner is not None and (writable or owner[0] != "active-write"):
+        if owner is not None and (writable or not is_active_write(owner)):
             open_use(node.vm, owner)
             handle.use = owner
         return handle
@@ -324,7 +325,7 @@ class Vfs(Tree):
         background = False
         users = MountUsers(vm, writing=lambda vids: self._writing(vm, vids))
         try:
-            vm.running = {"op": op, "snapshot": snapshot, "started": _utc_now(),
+            vm.running = {"op": op, "snapshot": snapshot, "started": utc_now(),
                           "progress": None}
 
             def progress(done, total):
@@ -365,7 +366,7 @@ class Vfs(Tree):
             finally:
                 self._refresh_vm(vm)
         except SnapfsError as e:
-            vm.last_error = {"op": op, "error": str(e), "errno": e.errno, "time": _utc_now()}
+            vm.last_error = {"op": op, "error": str(e), "errno": e.errno, "time": utc_now()}
             log.error("%s on VM %s failed: %s (it resumes with the next operation)",
                       op, vm.name, e)
         except Exception:
@@ -385,7 +386,7 @@ class Vfs(Tree):
 
     def _refused(self, vm, op, error):
         vm.last_error = {"op": op, "error": str(error), "errno": error.errno,
-                         "time": _utc_now()}
+                         "time": utc_now()}
         log.warning("%s on VM %s refused: %s", op, vm.name, error)
         raise error
 
@@ -418,7 +419,3 @@ class Vfs(Tree):
         self.pool.close()
 def _is_active_part(node):
     return isinstance(node.view, PartitionView) and isinstance(node.view.disk, ActiveSlot)
-
-
-def _utc_now():
-    return datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -22,6 +22,11 @@ def active_write_use(disk):
     return ("active-write", disk)
 
 
+def is_active_write(use):
+    """A writer to an active disk: only a writable open counts as one."""
+    return use[0] == "active-write"
+
+
 class Users:
     """Who else uses a VM's volumes while an operation runs.  Outside a
     mount nobody does (the CLI holds the store's lock): this class.  A
