@@ -7,7 +7,7 @@ refused, as are loops and chains deeper than MAX_IMPORT_DEPTH.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ImageError, UnsafeBacking
 from ..qcow2.structs import MAGIC
@@ -26,6 +26,8 @@ class Layer:
     size: int          # virtual size
     backing: str | None = None         # backing name as recorded in the file
     backing_format: str | None = None
+    # Its internal snapshots (qcow2.snapshots.InternalSnapshot), in table order.
+    internal_snapshots: list = field(default_factory=list)
 
 
 QCOW2_SUFFIXES = (".qcow2", ".qcow", ".qcow3")
@@ -78,8 +80,11 @@ def discover_chain(top, top_format=None):
             # Validate every table now, so that a damaged image is refused at
             # import rather than discovered later as EIO.
             vol.runs()
+            # The snapshot table too (its L2 tables are checked as the
+            # import reads them, before anything reaches the store).
+            snapshots = vol.internal_snapshots() if fmt == "qcow2" else []
             backing, backing_fmt = vol.backing_file, vol.backing_format
-            layers.append(Layer(path, fmt, vol.size, backing, backing_fmt))
+            layers.append(Layer(path, fmt, vol.size, backing, backing_fmt, snapshots))
         finally:
             vol.close()
         if not backing:

@@ -2,9 +2,12 @@
 
 A qcow2 chain is imported layer by layer: each backing layer becomes a
 snapshot named after its file (oldest first) and the top becomes the active
-state.  A raw image becomes a read-only base volume (a snapshot) with an
-empty overlay on top.  Blank disks get empty layers so that every snapshot
-has a volume for every disk.
+state.  A layer's internal snapshots become snapshots too, just before the
+layer itself, each a new volume holding what changed
+(``internal_snapshots``); such a layer is rebuilt, never copied or moved,
+so that no volume keeps a snapshot table.  A raw image becomes a read-only
+base volume (a snapshot) with an empty overlay on top.  Blank disks get
+empty layers so that every snapshot has a volume for every disk.
 
 The VM is assembled in a hidden staging directory and renamed into place
 with its manifest, so a failed or interrupted import leaves no VM behind.
@@ -17,15 +20,19 @@ import shutil
 import stat
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 
 from ..errors import AlreadyExists, InvalidArgument, SnapfsError
 from ..qcow2.create import create_image, set_backing
 from ..store import manifest as M
-from ..store.names import check_disk_name, check_name, check_snapshot_name
+from ..store.chain import MAX_CHAIN_DEPTH, Chain, VolumeRef
+from ..store.names import check_description, check_disk_name, check_name, check_snapshot_name
 from ..store.sizes import looks_like_size, parse_size
 from ..store.transfer import copy_file
+from ..store.volume import VolumePool
 from .discover import discover_chain
+from .internal_snapshots import history, rebuild_layer
 
 
 @dataclass
@@ -34,13 +41,22 @@ class DiskSource:
     size: int | None = None       # a new blank disk
     layers: list | None = None    # discovered image layers, base first
 
+    @cached_property
+    def history(self):
+        """internal_snapshots.State of every snapshot, then of the active state."""
+        return history(self.layers or [])
+
     @property
     def snapshot_count(self):
         if self.layers is None:
             return 0
         # The top qcow2 layer becomes the active leaf; a raw top is frozen
         # as a snapshot and gets a new overlay.
-        return len(self.layers) - (1 if self.layers[-1].format == "qcow2" else 0)
+        return len(self.history) - (1 if self.layers[-1].format == "qcow2" else 0)
+
+    @property
+    def has_internal_snapshots(self):
+        return any(layer.internal_snapshots for layer in self.layers or ())
 
 
 def parse_disk_spec(spec):
@@ -65,15 +81,25 @@ def _mtime_utc(path):
 
 
 def _snapshot_names(sources, count):
-    """Names from the first imaged disk's layer files, made unique."""
+    """Names from the first imaged disk: its internal snapshots' names, its
+    layer files' names; made unique.  A name snapfs refuses (empty, '/', a
+    control character, a leading '.', 'latest'...) becomes 'internal-ID'
+    (the snapshot's ID in its image) or 'layerN'; a name already taken gets
+    '-2', '-3'..."""
     imaged = [s for s in sources if s.layers]
+    states = imaged[0].history if imaged else []
     names = []
     for i in range(count):
-        stem = os.path.basename(imaged[0].layers[i].path).split(".")[0] if imaged else f"snap{i}"
-        try:
-            check_snapshot_name(stem)
-        except SnapfsError:
-            stem = f"layer{i}"
+        if not imaged:
+            stem = f"snap{i}"
+        elif states[i].snapshot is not None:
+            stem = _internal_name(states[i].snapshot)
+        else:
+            stem = os.path.basename(states[i].layer.path).split(".")[0]
+            try:
+                check_snapshot_name(stem)
+            except SnapfsError:
+                stem = f"layer{i}"
         name = stem
         n = 2
         while name in names:
@@ -81,6 +107,78 @@ def _snapshot_names(sources, count):
             n += 1
         names.append(name)
     return names
+
+
+def _internal_name(snapshot):
+    try:
+        return check_snapshot_name(snapshot.raw_name.decode("utf-8"))
+    except (UnicodeDecodeError, SnapfsError):
+        return f"internal-{snapshot.id}"
+
+
+def _description(states):
+    """Where a snapshot came from (``states``: its entry in each imaged
+    disk's history), as one line of text."""
+    state = states[0]
+    files = ", ".join(dict.fromkeys(os.path.basename(st.layer.path) for st in states))
+    if state.snapshot is None:
+        return f"imported from {os.path.basename(state.layer.path)}"
+    name = state.snapshot.name or "(no name)"
+    text = f"internal snapshot {name} of {files}"
+    if any(st.snapshot.vm_state_size for st in states):
+        text += " (its saved VM state was not imported)"
+    try:
+        return check_description(text)
+    except SnapfsError:
+        # A control character or an endless name: keep it readable on one line.
+        return check_description(ascii(text)[1:-1][:1000])
+
+
+def _created(state):
+    if state.snapshot is not None:
+        return state.snapshot.date.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _mtime_utc(state.layer.path)
+
+
+def _check_snapshot_lists(sources):
+    """Snapshot i of the VM is entry i of every imaged disk's history, so
+    the histories must match: the same length, and internal snapshots of
+    the same names at the same places (virsh makes one of the same name in
+    every disk).  Raises InvalidArgument."""
+    imaged = [s for s in sources if s.layers is not None]
+    if not any(s.has_internal_snapshots for s in imaged):
+        counts = {s.snapshot_count for s in imaged}
+        if len(counts) > 1:
+            detail = ", ".join(f"{s.name}: {s.snapshot_count}" for s in imaged)
+            raise InvalidArgument(f"disks have backing chains of different lengths ({detail}); "
+                                  "layer i of every disk must belong to snapshot i")
+        return
+
+    def listing(src, shown=8):
+        names = [repr(st.snapshot.name) if st.snapshot else os.path.basename(st.layer.path)
+                 for st in src.history[:src.snapshot_count]]
+        return names[:shown] + ([f"... {len(names) - shown} more"] if len(names) > shown else [])
+
+    def signature(src):
+        return [st.snapshot.raw_name if st.snapshot else None
+                for st in src.history[:src.snapshot_count]]
+
+    if len({tuple(signature(s)) for s in imaged}) > 1:
+        detail = "; ".join(f"{s.name}: {', '.join(listing(s)) or 'none'}" for s in imaged)
+        raise InvalidArgument(f"the disks' snapshots do not match ({detail}): internal snapshots "
+                              "are matched by name and position, layer i of every disk "
+                              "belongs to snapshot i")
+
+
+def _check_depth(sources):
+    for src in sources:
+        if src.layers is None:
+            continue
+        depth = len(src.history) + (1 if src.layers[-1].format == "raw" else 0)
+        if depth > MAX_CHAIN_DEPTH:
+            raise InvalidArgument(f"{src.layers[-1].path}: its layers and internal snapshots "
+                                  f"make {depth} volumes, more than the {MAX_CHAIN_DEPTH} "
+                                  "a disk's chain may hold")
 
 
 def add_vm(store, vm_name, specs, move=False, progress=None):
@@ -96,18 +194,16 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
     sources = [parse_disk_spec(s) for s in specs]
     if len({s.name for s in sources}) != len(sources):
         raise AlreadyExists("duplicate disk names")
-    counts = {s.snapshot_count for s in sources if s.layers is not None}
-    if len(counts) > 1:
-        detail = ", ".join(f"{s.name}: {s.snapshot_count}" for s in sources if s.layers)
-        raise InvalidArgument(f"disks have backing chains of different lengths ({detail}); "
-                              "layer i of every disk must belong to snapshot i")
-    count = counts.pop() if counts else 0
+    _check_snapshot_lists(sources)
+    _check_depth(sources)
+    count = max((s.snapshot_count for s in sources if s.layers is not None), default=0)
     if move:
         _check_movable(sources)
 
     imaged = [s for s in sources if s.layers]
-    # Taken before any --move: the layer files' times say when each state was made.
-    created = [_mtime_utc(imaged[0].layers[i].path) if imaged else now_utc()
+    # Taken before any --move: the layer files' times say when each state
+    # was made (internal snapshots have their own dates).
+    created = [_created(imaged[0].history[i]) if imaged else now_utc()
                for i in range(count)]
     staging = os.path.join(store.vms_dir, f".import-{uuid.uuid4()}")
     M.private_dir(staging)
@@ -119,8 +215,7 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
         names = _snapshot_names(sources, count)
         snapshots = []
         for i in range(count):
-            origin = (f"imported from {os.path.basename(imaged[0].layers[i].path)}"
-                      if imaged else "empty layer")
+            origin = _description([s.history[i] for s in imaged]) if imaged else "empty layer"
             snapshots.append(M.Snapshot(str(uuid.uuid4()), names[i], origin, created[i],
                                         {d: chains[d][i] for d in chains}))
         manifest = M.Manifest(name=vm_name, id=str(uuid.uuid4()), created=now_utc(),
@@ -149,6 +244,12 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
 def _check_movable(sources):
     for src in sources:
         for layer in src.layers or ():
+            if layer.internal_snapshots:
+                # Renamed in, the file would keep its snapshot table and the
+                # clusters only the snapshots use; it is rebuilt instead.
+                raise InvalidArgument(f"{layer.path}: has internal snapshots, which are imported "
+                                      "as new layers, so it cannot be moved in; import it "
+                                      "without --move (the file is left as it is)")
             if not os.access(os.path.dirname(os.path.abspath(layer.path)), os.W_OK):
                 raise InvalidArgument(f"{layer.path}: cannot move, its directory is not writable")
 
@@ -172,6 +273,15 @@ def _build_disk(src, count, staging, volumes, move, moved, progress):
             parent = vid
         return ids
     for layer in src.layers:
+        if layer.internal_snapshots:
+            def new_volume():
+                nonlocal parent
+                backing = parent
+                parent, path = add("qcow2")
+                return path, backing, volumes[backing]["format"] if backing else None
+
+            _rebuild(layer, staging, ids[:], volumes, new_volume, progress)
+            continue
         vid, path = add(layer.format)
         st = os.lstat(layer.path) if move else None
         # A symlink is copied, as a file on another filesystem is: moved,
@@ -191,3 +301,15 @@ def _build_disk(src, count, staging, volumes, move, moved, progress):
         vid, path = add("qcow2")
         create_image(path, src.layers[-1].size, backing=parent, backing_format="raw")
     return ids
+
+
+def _rebuild(layer, staging, below, volumes, new_volume, progress):
+    """Rebuild ``layer`` and its internal snapshots over the volumes
+    ``below`` (its backing chain, already in ``staging``, base first)."""
+    pool = VolumePool()
+    try:
+        chain = (Chain(pool, [VolumeRef(os.path.join(staging, v), volumes[v]["format"])
+                              for v in below]) if below else None)
+        rebuild_layer(layer, chain, new_volume, progress)
+    finally:
+        pool.close()

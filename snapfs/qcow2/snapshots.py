@@ -1,8 +1,9 @@
 """The internal snapshot table (``qemu-img snapshot -c``).
 
-snapfs lists internal snapshots but does not present them as directories
-yet.  Entries are bounded by the table's position in the file and by
-QEMU's limits on names and extra data.
+``snapfs inspect`` lists internal snapshots, and ``snapfs vm add`` turns
+each into a snapfs snapshot (snapfs/ops/internal_snapshots.py; reading a
+snapshot's tables: states.py).  Entries are bounded by the table's position
+in the file and by QEMU's limits on names and extra data.
 """
 
 import os
@@ -28,6 +29,10 @@ class InternalSnapshot:
     disk_size: int | None
     l1_table_offset: int
     l1_size: int
+    date_nsec: int = 0
+    # The name as stored: ``name`` shows bytes that are not UTF-8 as U+FFFD,
+    # which is fine for a listing but not for naming a snapshot after it.
+    raw_name: bytes = b""
 
 
 def read_snapshot_table(fd, hdr):
@@ -67,5 +72,7 @@ def read_snapshot_table(fd, hdr):
             disk_size=disk_size,
             l1_table_offset=entry.l1_table_offset,
             l1_size=entry.l1_size,
+            date_nsec=entry.date_nsec,
+            raw_name=bytes(entry.name),
         ))
     return result

@@ -111,16 +111,18 @@ def test_move_with_a_bad_disk_loses_nothing(tmp_path, store):
     assert os.listdir(store / "vms") == []
 
 
-def test_internal_snapshots_survive_import(tmp_path, store):
+def test_internal_snapshots_become_snapshots(tmp_path, store):
+    # More in test_internal_snapshots.py.
     path = tmp_path / "i.qcow2"
     qemu_img("create", "-f", "qcow2", path, "1M")
     qemu_io(path, "write -P 1 0 64k", fmt="qcow2")
     qemu_img("snapshot", "-c", "inside", path)
     snapfs("vm", "add", store, "i", "--disk", f"sda={path}")
     m = json.loads((store / "vms" / "i" / "manifest.json").read_text())
-    stored = store / "vms" / "i" / m["active"]["sda"]
-    assert "inside" in snapfs("inspect", stored).stdout
-    assert json.loads(snapfs("inspect", stored, "--json").stdout)["snapshots"][0]["name"] == "inside"
+    assert [s["name"] for s in m["snapshots"]] == ["inside"]
+    for vid in m["volumes"]:
+        assert json.loads(snapfs("inspect", store / "vms" / "i" / vid, "--json").stdout)["snapshots"] == []
+    assert views(store, "i")["inside"]["sda"] == to_raw(path)
 
 
 def test_corrupt_marked_image_is_read_never_written(tmp_path, store):
