@@ -11,6 +11,7 @@ import sys
 
 from . import __version__
 from .errors import SnapfsError
+from .fs.mount_options import describe_accepted
 from .store.sizes import human
 from .store.store import Store
 
@@ -19,6 +20,7 @@ log = logging.getLogger("snapfs")
 
 def main(argv=None):
     parser = build_parser()
+    argv = _mount_form(list(sys.argv[1:] if argv is None else argv), parser)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -43,10 +45,32 @@ def main(argv=None):
         return 1
 
 
+def _mount_form(argv, parser):
+    """``snapfs STORE MOUNTPOINT [-o OPTIONS]``, as mount.fuse3 runs it for
+    ``mount -t fuse.snapfs`` and fstab, is ``snapfs mount ...``: rewritten
+    so when the first word is not a command and a second one follows (a
+    lone unknown word stays argparse's "invalid choice")."""
+    words = [i for i, a in enumerate(argv) if not a.startswith("-")]
+    if len(words) < 2 or argv[words[0]] in _commands(parser):
+        return argv
+    # Only global flags (--debug) can come before the store.
+    return argv[:words[0]] + ["mount"] + argv[words[0]:]
+
+
+def _commands(parser):
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="snapfs",
-        description="Keep VM disks as qcow2 chains and browse every snapshot through FUSE.",
+        usage="snapfs [-h] [--version] [--debug] COMMAND ...\n"
+              "       snapfs STORE MOUNTPOINT [-o OPTIONS]",
+        description="Keep VM disks as qcow2 chains and browse every snapshot through FUSE.  "
+                    "'snapfs STORE MOUNTPOINT [-o OPTIONS]' is 'snapfs mount': the form that "
+                    "'mount -t fuse.snapfs STORE MOUNTPOINT' and fstab run (through "
+                    "mount.fuse3).",
         epilog="Run 'snapfs COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
     p.add_argument("--debug", action="store_true", help="verbose logging and tracebacks")
@@ -62,14 +86,17 @@ def build_parser():
                       description="Add a VM.  SPEC is a size (20G: a new blank qcow2 disk) or "
                       "the path of a raw or qcow2 image.  A qcow2 backing chain is imported "
                       "layer by layer: each backing layer becomes a snapshot named after its "
-                      "file, oldest first, and the top becomes the active state.")
+                      "file, oldest first, and the top becomes the active state.  Internal "
+                      "snapshots (qemu-img snapshot, virsh) become snapshots too, each just "
+                      "before its layer, with their own names and dates.")
     c.add_argument("store")
     c.add_argument("vm")
     c.add_argument("--disk", action="append", required=True, metavar="NAME=SPEC",
                    help="a disk: NAME=SIZE or NAME=PATH (repeat for more disks)")
     c.add_argument("--move", action="store_true",
                    help="rename the images into the store instead of copying them "
-                        "(when on the same filesystem)")
+                        "(when on the same filesystem; refused for images with internal "
+                        "snapshots, which are rebuilt)")
     c.set_defaults(func=cmd_vm_add)
     c = vm.add_parser("list", help="list VMs")
     c.add_argument("store")
@@ -124,12 +151,14 @@ def build_parser():
                         "clusters and make store files private (0600, directories 0700)")
     c.set_defaults(func=cmd_check)
 
-    c = sub.add_parser("mount", help="mount a store (in the background unless --foreground)")
+    c = sub.add_parser("mount", help="mount a store (in the background unless --foreground)",
+                       description="Mount a store.  Also run as 'snapfs STORE MOUNTPOINT -o "
+                       "OPTIONS' by 'mount -t fuse.snapfs' and fstab.")
     c.add_argument("store")
     c.add_argument("mountpoint")
     c.add_argument("-f", "--foreground", action="store_true")
     c.add_argument("-o", dest="options", action="append", default=[],
-                   help="mount options, comma separated (allow_other, ...)")
+                   help="mount options, comma separated: " + describe_accepted())
     c.add_argument("--log", help="log file of the background mount "
                                  "(default: snapfs.log in the store)")
     c.set_defaults(func=cmd_mount)
@@ -310,8 +339,7 @@ def _report_check(checker):
 
 def cmd_mount(args):
     from .fs.mount import mount
-    options = [o for group in args.options for o in group.split(",") if o]
-    mount(args.store, args.mountpoint, options, foreground=args.foreground,
+    mount(args.store, args.mountpoint, args.options, foreground=args.foreground,
           log_file=args.log, debug=args.debug)
 
 

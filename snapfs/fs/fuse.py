@@ -25,9 +25,18 @@ log = logging.getLogger(__name__)
 # Worker threads, in separate pools so that one kind of request cannot
 # starve another: writes wait while their VM runs an operation, and an
 # operation (a merge) can take minutes; reads must keep flowing meanwhile.
+# mkdir, rmdir, mv and touch's create never wait for a busy VM (fs/queue.py):
+# they share OPERATION_THREADS.  Control-file writes, the close() that makes
+# a touched snapshot and ``touch control/create`` wait for their VM's
+# earlier operations (a merge of minutes): each VM has threads of its own
+# for those (VM_WAITING_THREADS; enough that a few commands waiting at once
+# show in control/status's queue), and more of them wait in the event loop,
+# in order, holding no thread.  So a VM's merge and the commands waiting for
+# it never take a thread that another VM's operation needs.
 READ_THREADS = 8
 WRITE_THREADS = 4
-OPERATION_THREADS = 2
+OPERATION_THREADS = 4
+VM_WAITING_THREADS = 4
 
 
 class SnapfsOperations(pyfuse3.Operations):
@@ -42,6 +51,7 @@ class SnapfsOperations(pyfuse3.Operations):
         self._readers = trio.CapacityLimiter(READ_THREADS)
         self._writers = trio.CapacityLimiter(WRITE_THREADS)
         self._operations = trio.CapacityLimiter(OPERATION_THREADS)
+        self._vm_waiting = {}       # VM name -> CapacityLimiter(VM_WAITING_THREADS)
         self._handles = {}
         self._next_fh = 1
 
@@ -119,6 +129,22 @@ class SnapfsOperations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
         return attr
 
+    def _waiting_limiter(self, node):
+        """The limiter of a request to ``node`` (a Node or an inode): the
+        VM's own for control files and touched snapshots, whose requests
+        may wait for the VM's earlier operations."""
+        if isinstance(node, int):
+            try:
+                node = self.vfs.node(node)
+            except SnapfsError:
+                node = None
+        if node is None or node.vm is None or not (node.control or node.key == "creating"):
+            return self._operations
+        limiter = self._vm_waiting.get(node.vm.name)
+        if limiter is None:
+            limiter = self._vm_waiting[node.vm.name] = trio.CapacityLimiter(VM_WAITING_THREADS)
+        return limiter
+
     def _new_fh(self, handle):
         fh = self._next_fh
         self._next_fh += 1
@@ -156,7 +182,8 @@ class SnapfsOperations(pyfuse3.Operations):
         touch = fields.update_atime or fields.update_mtime
         other = fields.update_mode or fields.update_uid or fields.update_gid
         node = await self._run(self._operation(self.vfs.setattr, inode, size, touch, other,
-                                               wait_for_kernel=True), limiter=self._operations)
+                                               wait_for_kernel=True),
+                               limiter=self._waiting_limiter(inode))
         return await self._run(self._attrs, node)
 
     async def readlink(self, inode, ctx):
@@ -243,9 +270,12 @@ class SnapfsOperations(pyfuse3.Operations):
         handle = await self._run(self.vfs.open, inode, writable, mode != os.O_WRONLY)
         node = handle.node
         # Immutable views may stay in the page cache across opens; status
-        # is made at open and has no fixed size.
-        return pyfuse3.FileInfo(fh=self._new_fh(handle), keep_cache=node.immutable,
-                                direct_io=node.control is not None)
+        # is made at open and has no fixed size.  A throwaway overlay's
+        # bytes must never enter the page cache that the view's other
+        # readers share.
+        private = handle.overlay is not None
+        return pyfuse3.FileInfo(fh=self._new_fh(handle), keep_cache=node.immutable and not private,
+                                direct_io=node.control is not None or private)
 
     async def read(self, fh, off, size):
         handle = self._handle(fh)
@@ -262,7 +292,7 @@ class SnapfsOperations(pyfuse3.Operations):
         if handle.node.control:
             return await self._run(self._operation(self.vfs.write, handle, off, buf,
                                                    wait_for_kernel=True),
-                                   limiter=self._operations)
+                                   limiter=self._waiting_limiter(handle.node))
         try:
             written = self.vfs.write_nowait(handle, off, buf)
         except (SnapfsError, OSError) as e:
@@ -280,14 +310,14 @@ class SnapfsOperations(pyfuse3.Operations):
         handle = self._handle(fh)
         if self.vfs.needs_flush(handle):
             await self._run(self._operation(self.vfs.flush, handle, wait_for_kernel=True),
-                            limiter=self._operations)
+                            limiter=self._waiting_limiter(handle.node))
 
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
         self.vfs.closed(handle)
-        if handle.wrote:
+        if self.vfs.needs_release(handle):
             await self._run(self.vfs.release, handle, limiter=self._writers)
 
 

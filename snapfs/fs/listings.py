@@ -14,8 +14,8 @@ from ..errors import NotFound, SnapfsError
 from ..ops.users import BEFORE_PREVIEW_USE, active_write_use, snapshot_use
 from ..store.chain import VolumeRef
 from .nodes import (
-    ACTIVE_MODE, CONTROL_COMMANDS, CONTROL_MODE, DIR_MODE, LINK_MODE, MUTABLE_TIMEOUT,
-    SNAPSHOTS_DIR_MODE, STATUS_MODE, VIEW_MODE, VmState,
+    ACTIVE_MODE, CONTROL_COMMANDS, CONTROL_MODE, DIR_MODE, DISK_VIEW_MODE, LINK_MODE,
+    MUTABLE_TIMEOUT, SNAPSHOTS_DIR_MODE, STATUS_MODE, VIEW_MODE, VmState,
 )
 from .partition_reuse import chain_partitions, read_table
 from .partitions import find_partitions
@@ -194,11 +194,11 @@ class Listings:
         specs, views = [], {}
         for disk in m.disks:
             view = DiskView(self.pool, self.chain_refs(vm, volumes[disk]))
-            specs.append(dict(name=f"{disk}.raw", mode=VIEW_MODE, mtime_ns=mtime, view=view, vm=vm,
-                              owner=owner))
+            specs.append(dict(name=f"{disk}.raw", mode=DISK_VIEW_MODE, mtime_ns=mtime, view=view,
+                              vm=vm, owner=owner))
             views[disk] = view
             for part in self._view_partitions(vm, view):
-                specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=VIEW_MODE,
+                specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=DISK_VIEW_MODE,
                                   mtime_ns=mtime, vm=vm, owner=owner,
                                   view=PartitionView(view, part.start, part.length)))
         if snapshot is not None:

@@ -7,6 +7,7 @@ child holds the store's writer lock for as long as the mount lives.
 
 import logging
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -14,11 +15,14 @@ import threading
 import time
 
 from ..errors import Busy, InvalidArgument, SnapfsError, StoreError
+from ..store.processes import alive
 from ..store.store import Store, private_file
+from .mount_options import parse_mount_options
 
 log = logging.getLogger(__name__)
 
 UMOUNT_WAIT_SECONDS = 30
+_FUSE_FD_MOUNTPOINT = re.compile(r"^/dev/fd/\d+$")
 FSNAME_PREFIX = "snapfs:"
 # The kernel's default readahead for a FUSE mount is 128 KiB, so buffered
 # reads reach the daemon as 128 KiB requests; with a larger window they
@@ -35,13 +39,19 @@ def _check_mountpoint(mountpoint):
 
 
 def mount(store_path, mountpoint, options, foreground=False, log_file=None, debug=False):
+    """``options``: the ``-o`` options (see mount_options.py)."""
+    opts = parse_mount_options(options)
+    if _FUSE_FD_MOUNTPOINT.match(str(mountpoint)):
+        # mount.fuse3's drop_privileges mounts by itself, without
+        # default_permissions (so the views' modes would go unchecked), and
+        # passes /dev/fd/N: snapfs would not know its own mount point.
+        raise InvalidArgument("the drop_privileges mount option is not supported; mount.fuse3 "
+                              "has already attached the mount point: umount it")
     store = Store.open(store_path)
     mountpoint = os.path.abspath(mountpoint)
     _check_mountpoint(mountpoint)
-    allow_other = "allow_other" in options
-    extra = [o for o in options if o != "allow_other"]
     if foreground:
-        _serve(store, mountpoint, allow_other, extra, ready=None)
+        _serve(store, mountpoint, opts, ready=None)
         return
     log_file = os.path.abspath(log_file or os.path.join(store.path, "snapfs.log"))
     read_end, write_end = os.pipe()
@@ -69,7 +79,7 @@ def mount(store_path, mountpoint, options, foreground=False, log_file=None, debu
             os.close(write_end)
             _detach_stdio()
 
-        _serve(store, mountpoint, allow_other, extra, ready=ready)
+        _serve(store, mountpoint, opts, ready=ready)
         code = 0
     except SnapfsError as e:
         _report(write_end, str(e))
@@ -107,23 +117,24 @@ def _setup_daemon_logging(log_file, debug):
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def _serve(store, mountpoint, allow_other, extra, ready):
+def _serve(store, mountpoint, opts, ready):
     from .fuse import mount_options, serve
     from .vfs import Vfs
     from ..ops.recovery import recover
     _raise_open_file_limit()
     store.acquire_lock(f"mounted at {mountpoint}")
     try:
-        for line in recover(store):
+        for line in recover(store, scratch_dirs=[opts.scratch_dir] if opts.scratch_dir else []):
             log.warning("recovered: %s", line)
     except SnapfsError as e:
         # The VM keeps its pending operation; the next operation retries it.
         log.error("recovery incomplete: %s", e)
-    vfs = Vfs(store)
+    vfs = Vfs(store, read_only=opts.read_only, scratch_dir=opts.scratch_dir,
+              scratch_limit=opts.scratch_limit)
     try:
         try:
-            options = mount_options(store.path, allow_other, extra)
-            log.info("mounting %s at %s", store.path, mountpoint)
+            options = mount_options(store.path, opts.allow_other, opts.fuse_flags)
+            log.info("mounting %s at %s (%s)", store.path, mountpoint, ",".join(sorted(options)))
             def on_mounted():
                 _tune_readahead(mountpoint)
                 if ready is not None:
@@ -204,7 +215,7 @@ def umount(mountpoint):
     holder_pid = _lock_holder_pid(store_path)
     unmount_once(mountpoint)
     deadline = time.monotonic() + UMOUNT_WAIT_SECONDS
-    while holder_pid and _alive(holder_pid) and time.monotonic() < deadline:
+    while holder_pid and alive(holder_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -261,21 +272,7 @@ def _lock_holder_pid(store_path):
     return None
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _which(name):
-    return any(os.access(os.path.join(d, name), os.X_OK)
-               for d in os.environ.get("PATH", "").split(os.pathsep))
+    # get_exec_path() falls back to /bin:/usr/bin, as subprocess does: a
+    # daemon started by mount(8) has no PATH at all (mount(8) removes it).
+    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.get_exec_path())

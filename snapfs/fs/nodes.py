@@ -5,6 +5,8 @@ import stat
 import threading
 from dataclasses import dataclass, field
 
+from .queue import OpQueue, WriteGate
+
 ROOT_INODE = 1
 # Snapshot contents never change; entries that do are invalidated.
 IMMUTABLE_TIMEOUT = 3600.0
@@ -14,6 +16,9 @@ MUTABLE_TIMEOUT = 1.0
 DIR_MODE = stat.S_IFDIR | 0o555
 SNAPSHOTS_DIR_MODE = stat.S_IFDIR | 0o755    # the owner may mkdir, rmdir, mv
 VIEW_MODE = stat.S_IFREG | 0o440
+# Snapshot disks: the owner may open them for writing, into a throwaway
+# overlay (fs/overlays.py); the snapshot itself never changes.
+DISK_VIEW_MODE = stat.S_IFREG | 0o640
 ACTIVE_MODE = stat.S_IFREG | 0o660
 CONTROL_MODE = stat.S_IFREG | 0o220
 STATUS_MODE = stat.S_IFREG | 0o440
@@ -65,6 +70,9 @@ class Handle:
     # ``touch snapshots/NAME``: the snapshot is made when the file is
     # closed without a write (a write means ``cp`` or ``>``: refused).
     creating: str | None = None
+    # A snapshot view opened for writing: its private throwaway overlay
+    # (fs/overlays.py), which its reads and writes go through.
+    overlay: object = None
 
 
 @dataclass
@@ -72,8 +80,13 @@ class VmState:
     name: str
     manifest: object
     inode: int = 0
+    # Held while an operation holds the VM; taken and let go only by
+    # ``queue`` (fs/queue.py), which orders the operations asked meanwhile.
     op_lock: threading.Lock = field(default_factory=threading.Lock)
     running: dict | None = None
+    queue: OpQueue = field(init=False)
+    # Closed while a queued mkdir waits: writes to the active views wait.
+    write_gate: WriteGate = field(default_factory=WriteGate)
     last_error: dict | None = None
     stale_pages: bool = False        # the active leaves changed under the page cache
     active: dict = field(default_factory=dict)    # disk -> ActiveSlot
@@ -95,3 +108,6 @@ class VmState:
     # snapfs/fs/partition_reuse.py); dropped when the manifest changes, as a
     # merge rewrites volumes
     partitions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.queue = OpQueue(self.op_lock)

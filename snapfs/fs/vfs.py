@@ -21,6 +21,7 @@ request handler).  What each directory holds is decided in fs/listings.py;
 the node types are in fs/nodes.py.
 """
 
+import errno
 import json
 import logging
 import os
@@ -28,28 +29,41 @@ import threading
 import time
 
 from ..errors import (
-    Busy, CrossDevice, InvalidArgument, NameTooLong, NotFound, NotPermitted, PermissionDenied,
+    CrossDevice, InvalidArgument, NameTooLong, NotFound, NotPermitted, PermissionDenied,
     ReadOnly, SnapfsError,
 )
 from ..ops.finish import utc_now
-from ..ops.operations import VmOperations, refuse_create
-from ..ops.users import is_active_write
+from ..ops.operations import VmOperations
+from ..ops.users import is_active_write, snapshot_use
 from ..store.names import MAX_NAME_BYTES
+from ..store.scratch import default_scratch_dir
 from ..store.volume import VolumePool
 from . import control
 from .listings import Listings
 from .malloc_arena import one_malloc_arena
 from .nodes import DIR_MODE, MUTABLE_TIMEOUT, ROOT_INODE, VIEW_MODE, Handle, Node
+from .queue import Job, Projection, refuse_queued
+from .overlays import Scratch
 from .tree import Tree
-from .uses import MountUsers, close_use, open_use
+from .uses import RELEASE_GRACE, MountUsers, close_use, open_use
 from .views import ActiveSlot, DiskView, PartitionView
 
 log = logging.getLogger(__name__)
 
+# Guards Vfs._background (threads finishing operations after their request).
+_BACKGROUND = threading.Lock()
+
 
 class Vfs(Tree):
-    def __init__(self, store, pool=None, notify=None, notify_inode=None):
+    def __init__(self, store, pool=None, notify=None, notify_inode=None, *, read_only=False,
+                 scratch_dir=None, scratch_limit=None):
+        """``read_only``: the mount's ``ro`` option.  ``scratch_dir`` and
+        ``scratch_limit`` (bytes): where the throwaway overlays of snapshot
+        views opened for writing live, and how large they may grow in all
+        (None: the defaults of fs/overlays.py)."""
         one_malloc_arena()
+        self.read_only = read_only
+        self.scratch = Scratch(scratch_dir or default_scratch_dir(store), scratch_limit)
         pool = pool or VolumePool()
         self.mount_time_ns = time.time_ns()
         super().__init__(store, pool, Listings(store, pool, self.mount_time_ns), notify,
@@ -92,6 +106,9 @@ class Vfs(Tree):
             raise NotFound(f"{node.name} was removed")
         if node.is_dir:
             raise InvalidArgument("is a directory")
+        if writable and self.read_only:
+            # The kernel refuses first on an ro mount; this covers any path around it.
+            raise ReadOnly(f"{node.name}: the mount is read-only (-o ro)")
         if node.control == "status":
             if writable:
                 raise ReadOnly("control/status is read-only")
@@ -105,15 +122,19 @@ class Vfs(Tree):
             if writable:
                 raise ReadOnly(f"{node.name} is read-only")
             return Handle(node, node.render())
-        if writable and not isinstance(node.view, ActiveSlot) and not _is_active_part(node):
-            raise ReadOnly(f"{node.name} is a read-only view")
         # EIO now rather than on the first read.
         disk = node.view.disk if isinstance(node.view, PartitionView) else node.view
         if isinstance(disk, DiskView):
             disk.chain()
         elif isinstance(disk, ActiveSlot):
             disk.check()
+        elif writable:
+            raise ReadOnly(f"{node.name} is read-only")
         handle = Handle(node)
+        if writable and isinstance(disk, DiskView):
+            # A snapshot never changes: this open writes to its own
+            # throwaway overlay (fs/overlays.py).
+            handle.overlay = self.scratch.open(node.view, self._label(node), owner=node.vm)
         owner = node.owner
         if owner is not None and (writable or not is_active_write(owner)):
             open_use(node.vm, owner)
@@ -121,7 +142,8 @@ class Vfs(Tree):
         return handle
 
     def closed(self, handle):
-        """The kernel released ``handle`` (cheap: called in the event loop)."""
+        """The kernel released ``handle`` (cheap: called in the event loop;
+        an overlay is let go in ``release``)."""
         if handle.use is not None:
             close_use(handle.node.vm, handle.use)
             handle.use = None
@@ -134,6 +156,8 @@ class Vfs(Tree):
             raise PermissionDenied("control files are write-only")
         if isinstance(node.view, bytes):
             return node.view[offset:offset + length]
+        if handle.overlay is not None:
+            return handle.overlay.read(offset, length)
         return node.view.read(offset, length)
 
     def read_nowait(self, handle, offset, length):
@@ -143,6 +167,8 @@ class Vfs(Tree):
         node = handle.node
         if handle.data is not None or isinstance(node.view, bytes) or node.control:
             return self.read(handle, offset, length)
+        if handle.overlay is not None:
+            return None     # it may copy from the snapshot: a worker's job
         if isinstance(node.view, (DiskView, PartitionView)):
             return node.view.read(offset, length, wait=False)
         return None
@@ -155,7 +181,7 @@ class Vfs(Tree):
         node = handle.node
         if node.control or not (isinstance(node.view, ActiveSlot) or _is_active_part(node)):
             return None
-        if not node.view.write(offset, data, wait=False):
+        if node.vm.write_gate.closed or not node.view.write(offset, data, wait=False):
             return None
         handle.wrote = True
         return len(data)
@@ -182,9 +208,12 @@ class Vfs(Tree):
             handle.creating = None
             raise ReadOnly("a snapshot is made with touch or mkdir; it holds no data")
         if isinstance(node.view, ActiveSlot) or _is_active_part(node):
+            node.vm.write_gate.wait()
             node.view.write(offset, data)
             handle.wrote = True
             return len(data)
+        if handle.overlay is not None:
+            return handle.overlay.write(offset, data)
         raise ReadOnly(f"{node.name} is a read-only view")
 
     def needs_flush(self, handle):
@@ -200,7 +229,10 @@ class Vfs(Tree):
         if handle.creating is not None:
             name, handle.creating = handle.creating, None
             try:
-                self._run(node.vm, "create", lambda ops: ops.create(name))
+                # Waits for the operations asked before it (a merge): close()
+                # holds no directory lock.
+                self._run(node.vm, "create", lambda ops: ops.create(name), snapshot=name,
+                          asked_by="touch")
             except SnapfsError as e:
                 handle.error = e
                 raise
@@ -211,14 +243,22 @@ class Vfs(Tree):
         elif handle.error is not None:
             raise handle.error
 
+    def needs_release(self, handle):
+        """Whether ``release`` has work (for a worker thread)."""
+        return handle.wrote or handle.overlay is not None
+
     def release(self, handle):
         """After writes to a whole active disk, its partition table may have
-        changed (sfdisk, parted): list its partition views anew."""
+        changed (sfdisk, parted): list its partition views anew.  A
+        throwaway overlay is deleted (closing a large one frees blocks)."""
         node = handle.node
+        if handle.overlay is not None:
+            handle.overlay.close()
         if handle.wrote and isinstance(node.view, ActiveSlot):
             with self._lock:
                 self._refresh_partitions(node)
     def fsync(self, handle):
+        """Throwaway overlays need no sync: they are gone at release."""
         node = handle.node
         if isinstance(node.view, ActiveSlot) or _is_active_part(node):
             node.view.flush()
@@ -249,8 +289,28 @@ class Vfs(Tree):
     # -- the namespace as a command line ---------------------------------------
 
     def mkdir(self, parent, name):
+        """Create snapshot ``name``.  The kernel holds the snapshots
+        directory's lock until mkdir is answered, so it never waits for the
+        VM: while the VM is busy (a merge runs, operations wait), the
+        creation is checked against what the queue will leave, queued
+        (fs/queue.py) and answered with a short-lived entry.  The snapshot
+        shows once it is made, after the merge, and holds the disks as they
+        were when mkdir was answered: writes to the VM's active views wait
+        until it is made (WriteGate)."""
         vm = self._snapshots_dir_vm(parent)
-        self._run(vm, "create", lambda ops: ops.create(name))
+        job = Job("create", name, asked_by="mkdir")
+        # Closed before the job can be queued, so that no write slips in
+        # between the answer and the gate; opened when the job is done.
+        vm.write_gate.close()
+        queued = False
+        try:
+            queued = self._run_or_queue(vm, job, lambda ops: ops.create(name),
+                                        after=vm.write_gate.open)
+        finally:
+            if not queued:
+                vm.write_gate.open()
+        if queued:
+            return self._short_lived(parent, name, vm, DIR_MODE, lister=list)
         return self.lookup(parent, name)
 
     def create_file(self, parent, name, truncate=False):
@@ -264,30 +324,60 @@ class Vfs(Tree):
         if truncate:
             raise ReadOnly("a snapshot is made with touch or mkdir; it holds no data")
         try:
-            refuse_create(vm.manifest, name)
-            if vm.running:
-                raise Busy(f"VM {vm.name} is busy: {vm.running['op']} is running")
+            # Checked against what the operations asked before will leave; a
+            # busy VM is no refusal: the creation waits for them (flush).
+            vm.queue.check(lambda jobs: refuse_queued(Job("create", name),
+                                                      Projection(vm.manifest, jobs), vm))
         except SnapfsError as e:
             self._refused(vm, "create", e)
-        node = Node(inode=0, name=name, parent=parent, mode=VIEW_MODE, mtime_ns=time.time_ns(),
-                    timeout=0.0, immutable=False, view=b"", vm=vm, key="creating")
+        node = self._short_lived(parent, name, vm, VIEW_MODE, view=b"")
+        return Handle(node, creating=name), node
+
+    def _short_lived(self, parent, name, vm, mode, **kw):
+        """A node for a reply that must describe ``name`` before it is in
+        the tree (touch, a queued mkdir): entry and attribute timeouts 0,
+        so the next lookup asks again; dropped once the kernel forgets it
+        (key "creating")."""
+        node = Node(inode=0, name=name, parent=parent, mode=mode, mtime_ns=time.time_ns(),
+                    timeout=0.0, immutable=False, vm=vm, key="creating", **kw)
         with self._lock:
             node.inode = self._next_inode
             self._next_inode += 1
             self._nodes[node.inode] = node
-        return Handle(node, creating=name), node
+        return node
 
     def rmdir(self, parent, name):
         """Delete by merge.  rmdir holds the snapshots directory's lock in
         the kernel until it is answered, and that lock would stall every
-        lookup and listing there: so it is answered once the deletion is
-        recorded (the snapshot is gone from the namespace) and the merge
-        goes on in the background, shown in control/status."""
+        lookup and listing there: so it never waits for the VM.  Idle, it
+        is answered once the deletion is recorded (the snapshot is gone
+        from the namespace) and the merge goes on in the background, shown
+        in control/status.  Busy, the deletion is checked, queued
+        (fs/queue.py) and answered; the snapshot goes when its turn comes."""
         vm = self._snapshots_dir_vm(parent)
-        self._run(vm, "delete", lambda ops: ops.start_delete(name), snapshot=name,
-                  then=lambda ops, started: ops.finish_delete(started))
+        if vm.queue.busy:
+            self._wait_for_releases(vm, name)
+        job = Job("delete", name, asked_by="rmdir")
+        self._run_or_queue(vm, job, lambda ops: ops.start_delete(name),
+                           then=lambda ops, started: ops.finish_delete(started))
+
+    def _wait_for_releases(self, vm, name):
+        """Before a delete is queued: views of the snapshot closed just now
+        may not be released yet (fs/uses.py, RELEASE_GRACE); wait for them,
+        as the delete itself would.  A view still open refuses it."""
+        snap = vm.manifest.snapshot(name)
+        if snap is None:
+            return
+        use = snapshot_use(snap.id)
+        deadline = time.monotonic() + RELEASE_GRACE
+        with vm.uses_changed:
+            while vm.open_views.get(use) and deadline > time.monotonic():
+                vm.uses_changed.wait(deadline - time.monotonic())
 
     def rename(self, parent_old, old, parent_new, new):
+        """``mv snapshots/OLD snapshots/NEW``.  Like rmdir it holds the
+        snapshots directory's lock in the kernel: it never waits for a busy
+        VM, but is checked, queued and answered (fs/queue.py)."""
         vm = self._snapshots_dir_vm(parent_old)
         if old == "latest":
             raise NotPermitted("snapshots/latest follows the newest snapshot; it cannot be renamed")
@@ -295,7 +385,18 @@ class Vfs(Tree):
             other = self.node(parent_new)
             raise CrossDevice("snapshots move only within their VM's snapshots/") \
                 if other.vm is not vm else NotPermitted("snapshots stay in snapshots/")
-        self._run(vm, "rename", lambda ops: ops.rename(old, new), snapshot=old)
+        job = Job("rename", old, target=new, asked_by="mv")
+        self._run_or_queue(vm, job, lambda ops: ops.rename(old, new))
+
+    def _label(self, node):
+        """``VM/snapshots/NAME/FILE``: how control/status names a view."""
+        names = []
+        while node.inode != ROOT_INODE:
+            names.append(node.name)
+            node = self._nodes.get(node.parent)
+            if node is None:
+                break
+        return "/".join(reversed(names))
 
     def _snapshots_dir_vm(self, inode):
         node = self.node(inode)
@@ -309,75 +410,209 @@ class Vfs(Tree):
             op, args = control.parse(node.control, line)
         except SnapfsError as e:
             self._refused(node.vm, node.control, e)
-        snapshot = args[0] if op in ("delete", "preview") else None
-        self._run(node.vm, op, lambda ops: getattr(ops, op)(*args), snapshot=snapshot)
+        snapshot = args[0] if op in ("create", "delete", "preview") else None
+        # Waits for the operations asked before it (a merge): a control
+        # file's write holds no directory lock.
+        self._run(node.vm, op, lambda ops: getattr(ops, op)(*args), snapshot=snapshot,
+                  asked_by=f"control/{node.control}")
 
     # -- running operations ----------------------------------------------------
 
-    def _run(self, vm, op, action, snapshot=None, then=None):
-        """Run ``action(VmOperations)`` as the VM's one operation.  Refusals
-        are logged and kept for control/status.  With ``then``, the rest of
-        the operation, ``then(ops, result)``, goes on in a background thread
-        that keeps the VM busy until it is done."""
-        if not vm.op_lock.acquire(blocking=False):
-            running = vm.running["op"] if vm.running else "an operation"
-            self._refused(vm, op, Busy(f"VM {vm.name} is busy: {running} is running"))
-        background = False
-        users = MountUsers(vm, writing=lambda vids: self._writing(vm, vids))
-        try:
-            vm.running = {"op": op, "snapshot": snapshot, "started": utc_now(),
-                          "progress": None}
+    # Each VM runs one operation at a time, in the order asked (fs/queue.py):
+    # a request either waits for its turn (_run: control files, the close of
+    # a touch) or, holding the snapshots directory's lock in the kernel,
+    # runs at once on an idle VM and is queued on a busy one (_run_or_queue:
+    # mkdir, rmdir, mv).  Whoever holds the VM runs the queued operations
+    # that head the queue before letting it go (_let_go, _drain).
 
-            def progress(done, total):
-                vm.running["progress"] = {"done": done, "total": total}
+    def _run(self, vm, op, action, snapshot=None, then=None, asked_by=None):
+        """Run ``action(VmOperations)`` as the VM's one operation, once
+        every operation asked before it has run: it waits for a merge
+        instead of failing (DESIGN.md section 1).  Refusals are logged and
+        kept for control/status.  With ``then``, the rest of the operation,
+        ``then(ops, result)``, goes on in a background thread that keeps
+        holding the VM until it is done."""
+        if self.read_only:
+            self._refused(vm, op, ReadOnly("the mount is read-only (-o ro)"))
+        vm.queue.wait_turn(Job(op, snapshot, asked_by=asked_by))
+        return self._run_held(vm, op, action, snapshot, then)
 
-            # Every manifest switch is followed at once, while the operation
-            # still holds the disks it changed (MountUsers.hold): files it
-            # dropped are deleted only afterwards, and writes waiting for a
-            # disk land in its new leaf.
-            ops = VmOperations(self.store, vm.name, progress=progress,
-                               on_saved=lambda m: self._refresh_vm(vm, m), users=users)
+    def _run_or_queue(self, vm, job, action, then=None, after=None):
+        """mkdir, rmdir, mv: run ``action`` (and ``then``) as ``_run`` does
+        if the VM is idle.  Else refuse now what the queue says will fail
+        (EEXIST, ENOENT, EBUSY...), and queue the rest: it runs in the
+        thread that holds the VM when its turn comes, and ``after()``
+        then, whatever the outcome.  True if queued."""
+        if self.read_only:
+            self._refused(vm, job.op, ReadOnly("the mount is read-only (-o ro)"))
+
+        def run():
             try:
-                result = action(ops)
-            except SnapfsError as e:
-                self._refused(vm, op, e)
+                self._run_queued(vm, job, action, then)
             finally:
-                self._refresh_vm(vm)
-                if then is None:
-                    users.release_claims()
-                self._flush_page_caches(vm)
+                if after is not None:
+                    after()
+
+        job.run = run
+
+        def check(jobs):
+            refuse_queued(job, Projection(vm.manifest, jobs), vm,
+                          lambda vid: self.store.volume_path(vm.name, vid))
+
+        try:
+            idle = vm.queue.offer(job, check)
+        except SnapfsError as e:
+            self._refused(vm, job.op, e)
+        if idle:
+            self._run_held(vm, job.op, action, job.snapshot, then)
+            return False
+        log.info("%s %s on VM %s: queued behind %s", job.asked_by, job.snapshot, vm.name,
+                 (vm.running or {}).get("op", "an operation"))
+        return True
+
+    def _run_held(self, vm, op, action, snapshot, then):
+        """``_run`` once the VM is held by this request."""
+        continuing = False
+        try:
+            ops, users, result = self._step(vm, op, snapshot, action, then is not None)
             if then is not None:
-                thread = threading.Thread(target=self._continue,
-                                          args=(vm, op, ops, then, result, users),
-                                          name=f"snapfs-{op}-{vm.name}", daemon=True)
-                self._background.append(thread)
-                thread.start()
-                background = True
+                self._spawn(f"snapfs-{op}-{vm.name}", self._continue,
+                            vm, op, ops, then, result, users)
+                continuing = True
             return result
         finally:
-            if not background:
-                vm.running = None
-                vm.op_lock.release()
+            if not continuing:
+                self._let_go(vm)
+
+    def _step(self, vm, op, snapshot, action, continues):
+        """Run ``action`` for the job holding the VM; returns (ops, users,
+        result).  Refusals are logged, kept and raised.  What it claimed
+        stays claimed if the operation ``continues``."""
+        users = MountUsers(vm, writing=lambda vids: self._writing(vm, vids))
+        running = vm.running = {"op": op, "snapshot": snapshot, "started": utc_now(),
+                                "progress": None}
+
+        def progress(done, total):
+            running["progress"] = {"done": done, "total": total}
+
+        # Every manifest switch is followed at once, while the operation
+        # still holds the disks it changed (MountUsers.hold): files it
+        # dropped are deleted only afterwards, and writes waiting for a
+        # disk land in its new leaf.
+        ops = VmOperations(self.store, vm.name, progress=progress,
+                           on_saved=lambda m: self._refresh_vm(vm, m), users=users)
+        failed = True
+        try:
+            result = action(ops)
+            failed = False
+        except SnapfsError as e:
+            self._refused(vm, op, e)
+        finally:
+            self._refresh_vm(vm)
+            if failed or not continues:
+                users.release_claims()
+            self._flush_page_caches(vm)
+        return ops, users, result
 
     def _continue(self, vm, op, ops, then, result, users):
+        """A background thread: the rest of an operation, then the queued
+        operations that head the queue; then the VM is let go."""
+        try:
+            self._finish(vm, op, ops, then, result, users)
+        finally:
+            self._drain(vm)
+
+    def _finish(self, vm, op, ops, then, result, users):
+        """``then(ops, result)``; False if it failed (logged and kept)."""
         try:
             try:
                 then(ops, result)
             finally:
                 self._refresh_vm(vm)
         except SnapfsError as e:
-            vm.last_error = {"op": op, "error": str(e), "errno": e.errno, "time": utc_now()}
+            self._failed(vm, op, e)
             log.error("%s on VM %s failed: %s (it resumes with the next operation)",
                       op, vm.name, e)
-        except Exception:
+            return False
+        except Exception as e:
+            self._failed(vm, op, e)
             log.exception("%s on VM %s failed", op, vm.name)
+            return False
         finally:
             users.release_claims()
-            vm.running = None
-            vm.op_lock.release()
             self._flush_page_caches(vm)
-            self._background = [t for t in self._background if t.is_alive()
-                                and t is not threading.current_thread()]
+        return True
+
+    def _run_queued(self, vm, job, action, then):
+        """A queued job's turn, in the thread that holds the VM: the whole
+        operation (a delete's merge too).  Its request was answered long
+        ago, so a failure is logged and kept for control/status."""
+        log.info("%s %s on VM %s: running (queued at %s)", job.asked_by, job.snapshot,
+                 vm.name, job.asked)
+        try:
+            ops, users, result = self._step(vm, job.op, job.snapshot, action, then is not None)
+            done = then is None or self._finish(vm, job.op, ops, then, result, users)
+        except SnapfsError:
+            done = False                    # _refused logged and kept it
+        except Exception as e:
+            self._failed(vm, job.op, e)
+            log.exception("%s on VM %s failed", job.op, vm.name)
+            done = False
+        if not done and vm.last_error is not None:
+            # A new dict: control/status may be serialising the old one.
+            vm.last_error = dict(vm.last_error, asked_by=job.asked_by)
+            log.error("%s %s on VM %s (queued) failed: %s", job.asked_by, job.snapshot,
+                      vm.name, vm.last_error["error"])
+
+    def _let_go(self, vm):
+        """A request's operation is done.  A queued job that heads the queue
+        runs next, in a thread of its own (the request is answered
+        meanwhile); else the VM is let go to whoever waits first."""
+        vm.running = None
+        job = vm.queue.hand_over()
+        if job is None:
+            return
+        try:
+            self._spawn(f"snapfs-queue-{vm.name}", self._drain, vm, job)
+        except RuntimeError as e:
+            # No thread to be had: run the queue here rather than leave the
+            # VM held by a job nobody runs.
+            log.error("VM %s: no thread for its queue (%s): running it in the request", vm.name, e)
+            self._drain(vm, job)
+
+    def _drain(self, vm, job=None):
+        """This thread holds the VM: run ``job``, and every queued job that
+        heads the queue after it, then let the VM go."""
+        while True:
+            if job is not None:
+                job.run()
+            vm.running = None
+            job = vm.queue.hand_over()
+            if job is None:
+                return
+
+    def _spawn(self, name, target, *args):
+        """A background thread that ``close`` waits for."""
+        def run():
+            try:
+                target(*args)
+            finally:
+                with _BACKGROUND:
+                    self._background.remove(thread)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with _BACKGROUND:
+            self._background.append(thread)
+        try:
+            thread.start()
+        except BaseException:
+            with _BACKGROUND:
+                self._background.remove(thread)
+            raise
+
+    def _failed(self, vm, op, error):
+        vm.last_error = {"op": op, "error": str(error),
+                         "errno": getattr(error, "errno", None) or errno.EIO, "time": utc_now()}
 
     def _writing(self, vm, volume_ids):
         """An operation is about to write these volumes: read their maps
@@ -396,19 +631,38 @@ class Vfs(Tree):
         if m.preview:
             snap = next((s for s in m.snapshots if s.id == m.preview["snapshot"]), None)
             preview = {"snapshot": snap.name if snap else None}
-        state = "running" if vm.running else ("preview" if m.preview else "idle")
+        holder, queued = vm.queue.jobs()
+        busy = vm.running or holder is not None or queued
+        state = "running" if busy else ("preview" if m.preview else "idle")
+        # "queue": what was asked while the VM was busy, in the order it
+        # runs ("answered": mkdir, rmdir, mv, whose requests returned).
         doc = {"vm": vm.name, "state": state, "operation": vm.running, "preview": preview,
+               "queue": [job.describe() for job in queued],
                "snapshots": [s.name for s in m.snapshots],
+               "overlays": [{"file": label, "bytes": size}
+                            for label, size in self.scratch.overlays(vm)],
                "last_operation": m.last_operation, "last_error": vm.last_error}
         return (json.dumps(doc, indent=2) + "\n").encode()
 
     def close(self):
-        # A merge continuing after rmdir finishes before the store is let
-        # go: killing it would only leave the next mount to redo it.
-        for thread in self._background:
-            if thread.is_alive():
+        # The kernel is gone (unmounted): nothing to invalidate any more.
+        self.notify = lambda parent, name: None
+        self.notify_inode = lambda inode: None
+        # A merge continuing after rmdir, and the operations queued behind
+        # it, finish before the store is let go: their requests were
+        # answered, so dropping them would lose a mkdir, mv or rmdir the
+        # shell was told had worked (a queued rmdir is not recorded in the
+        # manifest until it runs), and killing a merge would only leave the
+        # next mount to redo it.  No request waits any more: the kernel
+        # refuses to unmount while a file (a control file) is open.
+        while True:
+            with _BACKGROUND:
+                threads = list(self._background)
+            if not threads:
+                break
+            for thread in threads:
                 log.info("waiting for %s to finish", thread.name)
-            thread.join()
+                thread.join()
         for vm in self._vms():
             for disk in vm.active.values():
                 try:

@@ -5,6 +5,7 @@ manifest (ops/operations.py says which way each one goes)."""
 
 import logging
 
+from ..store.scratch import default_scratch_dir, remove_leftover_overlays
 from ..store.volume import VolumePool
 from .finish import finish_delete, finish_deletions
 from .merge import plan_merge
@@ -43,12 +44,16 @@ def recover_vm(store, m, save=None, users=None):
     return f"{m.name}: finished an interrupted {kind}"
 
 
-def recover(store):
-    """Recover every VM of the store.  Returns lines saying what was done.
+def recover(store, scratch_dirs=()):
+    """Recover every VM of the store, and remove the throwaway overlays of
+    dead daemons from the store's scratch directory and ``scratch_dirs``.
+    Returns lines saying what was done.
 
     The manifests with nothing to recover stay with the store for one
     ``take_loaded`` each: a mount lists them next (Store.load_vms)."""
     done = store.remove_temporaries()
+    for directory in dict.fromkeys([default_scratch_dir(store), *scratch_dirs]):
+        done += remove_leftover_overlays(directory)
     for line in done:
         log.warning("%s", line)
     for name, m in store.load_vms(keep=True):

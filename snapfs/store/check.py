@@ -9,6 +9,7 @@ import stat
 from ..errors import SnapfsError
 from . import manifest as M
 from .chain import Chain
+from .scratch import LEFTOVER_OVERLAY, SCRATCH, default_scratch_dir, leftover_overlays
 from .store import LOCK, MARKER, TEMPORARY_LEFTOVER, VMS
 from .volume import VolumePool
 
@@ -57,8 +58,10 @@ class StoreChecker:
 
     def check_store_entries(self):
         for name in os.listdir(self.store.path):
-            if name not in (MARKER, LOCK, VMS) and not name.endswith(".log"):
+            if name not in (MARKER, LOCK, VMS, SCRATCH) and not name.endswith(".log"):
                 self.problem(f"{os.path.join(self.store.path, name)}: unexpected file in the store")
+        for path in leftover_overlays(default_scratch_dir(self.store)):
+            self.leftover(path, LEFTOVER_OVERLAY)
 
     def check_vm(self, name):
         try:

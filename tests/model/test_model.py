@@ -12,7 +12,8 @@ read (through ``qemu-img convert``) as the model says, ``snapfs check``
 must pass, and a fresh mount must show the same state again.
 
 Some steps are timed against snapfs's own asynchrony (a write at once
-after an operation; reads while rmdir's merge runs in the background), so
+after an operation; reads while rmdir's merge runs in the background; an
+operation at once after rmdir, which waits for the merge or is queued), so
 a snapfs race can fail one run and pass the replay: hypothesis then
 reports a FlakyFailure / FlakyStrategyDefinition, and the first traceback
 in its report is the real failure (the failing step's arguments are in
@@ -344,7 +345,9 @@ class SnapfsModel(RuleBasedStateMachine):
     def delete_by_control(self, name, then_write):
         self._delete(name, "control", then_write)
 
-    def _delete(self, name, how, then_write):
+    def _delete(self, name, how, then_write, wait=True):
+        """Delete ``name``; True if it was deleted.  Unless ``wait``, what
+        follows is asked while the merge may still run."""
         known = name in self.snaps
         if how == "control":
             expected = errno.EBUSY if self.open_preview else None if known else errno.ENOENT
@@ -359,11 +362,40 @@ class SnapfsModel(RuleBasedStateMachine):
             # rmdir is answered once the delete is recorded; the merge goes
             # on in the background (control/status: "running").  Meanwhile
             # the snapshot is gone and every view reads as before; writes
-            # wait for the merge, and other operations are EBUSY.
-            self._write_at_once(then_write)
-            self.verify(self.mnt, running_ok=True)
-            self._wait_until_idle()
+            # wait for the merge, and so do other operations (or they are
+            # queued: see delete_then_at_once).
+            if wait:
+                self._write_at_once(then_write)
+                self.verify(self.mnt, running_ok=True)
+                self._wait_until_idle()
         self._count("delete" if expected is None else "delete refused")
+        return expected is None
+
+    @precondition(lambda self: self.order and not self.open_preview)
+    @rule(index=st.integers(0, len(NAMES) - 1),
+          then=st.sampled_from(["mkdir", "touch", "touch-excl", "control create", "rmdir",
+                                "control delete", "rename", "preview"]),
+          other=st.sampled_from(NAMES), new=st.sampled_from(NAMES))
+    @_tracked
+    def rmdir_then_at_once(self, index, then, other, new):
+        """rmdir of an existing snapshot and, without waiting for its
+        merge, another operation (DESIGN.md section 1: it waits for the
+        merge, or is queued behind it, instead of failing).  The model is
+        the same as one after the other; once everything ran, the
+        invariant checks every view."""
+        assert self._delete(self.order[index % len(self.order)], "rmdir", None, wait=False)
+        if then in ("mkdir", "touch", "touch-excl", "control create"):
+            self._create(other, {"control create": "control"}.get(then, then), "", None)
+        elif then in ("rmdir", "control delete"):
+            self._delete(other, "rmdir" if then == "rmdir" else "control", None, wait=False)
+        elif then == "rename":
+            self._rename(other, new)
+        else:
+            self._preview(other, None)
+        self._count(f"{then} right after rmdir")
+        if json.loads(_read_file(self.mnt / "vm" / "control" / "status"))["state"] == "running":
+            self._count("... while a merge or queued operation still ran")
+        self._wait_until_idle()
 
     def _wait_until_idle(self, timeout=60.0):
         deadline = time.monotonic() + timeout
@@ -377,6 +409,9 @@ class SnapfsModel(RuleBasedStateMachine):
     @rule(old=st.sampled_from(NAMES), new=st.sampled_from(NAMES))
     @_tracked
     def rename(self, old, new):
+        self._rename(old, new)
+
+    def _rename(self, old, new):
         if old not in self.snaps:
             expected = errno.ENOENT
         elif old != new and new in self.snaps:
@@ -395,6 +430,9 @@ class SnapfsModel(RuleBasedStateMachine):
     @rule(name=st.sampled_from(NAMES), then_write=then_writes)
     @_tracked
     def preview(self, name, then_write):
+        self._preview(name, then_write)
+
+    def _preview(self, name, then_write):
         known = name in self.snaps
         expected = errno.EBUSY if self.open_preview else None if known else errno.ENOENT
         _attempt(expected, lambda: _control(self.mnt, "preview", name), f"preview {name!r}")

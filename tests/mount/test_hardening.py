@@ -16,17 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import daemon_pid, deleted_files
-from tests.support.mounting import control, loop_mounted, mounted, read_tree, snapfs
+from tests.support.mounting import (
+    control, expect_errno, loop_mounted, mounted, read_tree, snapfs,
+)
 from tests.support.qemu import qemu_img
 
 MiB = 1 << 20
-
-
-def expect_errno(code, fn, *args, **kw):
-    with pytest.raises(OSError) as e:
-        fn(*args, **kw)
-    assert e.value.errno == code, f"{getattr(fn, '__name__', fn)}{args}: " \
-                                  f"{os.strerror(e.value.errno)}, wanted {os.strerror(code)}"
 
 
 def status(vm):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mounting import (
-    SNAPFS, force_unmount, mounted, snapfs, snapfs_mounts, wait_for,
+    SNAPFS, force_unmount, mounted, mountinfo_fields, snapfs, snapfs_mounts, wait_for,
 )
 
 
@@ -21,15 +21,6 @@ def small_store(store):
     snapfs("vm", "add", store, "web", "--disk", "sda=1M")
     return store
 
-
-
-def _mount_options(mnt):
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mnt):
-                return line
-    return None
 
 
 def test_refusals_while_mounted(tmp_path, small_store):
@@ -102,11 +93,11 @@ def test_mount_is_private_unless_allow_other(public_dir, small_store):
     r = subprocess.run(as_nobody + [str(public_dir)], capture_output=True, text=True)
     assert r.returncode == 0
     with mounted(small_store, public_dir / "private") as mnt:
-        assert "allow_other" not in _mount_options(mnt)
+        assert "allow_other" not in " ".join(mountinfo_fields(mnt))
         r = subprocess.run(as_nobody + [str(mnt)], capture_output=True, text=True)
         assert r.returncode != 0 and "Permission denied" in r.stderr
     with mounted(small_store, public_dir / "shared", "-o", "allow_other") as mnt:
-        assert "allow_other" in _mount_options(mnt)
+        assert "allow_other" in " ".join(mountinfo_fields(mnt))
         r = subprocess.run(as_nobody + [str(mnt)], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.split() == ["web"]
         # The active view is 0660 and owned by the mounting user: others
@@ -117,11 +108,17 @@ def test_mount_is_private_unless_allow_other(public_dir, small_store):
         assert r.returncode != 0 and "Permission denied" in r.stderr
 
 
-def test_snapshot_views_refuse_writes(tmp_path, small_store):
+def test_snapshot_view_writes_stay_private(tmp_path, small_store):
     with mounted(small_store, tmp_path / "mnt") as mnt:
         (mnt / "web" / "snapshots" / "s").touch()
         view = mnt / "web" / "snapshots" / "s" / "sda.raw"
-        assert oct(os.stat(view).st_mode & 0o777) == "0o440"
+        assert oct(os.stat(view).st_mode & 0o777) == "0o640"
+        original = view.read_bytes()
+        with open(view, "r+b", buffering=0) as f:
+            f.write(b"\x5a" * 1000)
+            f.seek(0)
+            assert f.read(1000) == b"\x5a" * 1000
+        assert view.read_bytes() == original
         with pytest.raises(OSError) as e:
-            open(view, "r+b")
+            open(view.parent / "snapshot.json", "r+b")
         assert e.value.errno == errno.EROFS

@@ -6,7 +6,9 @@ or undo snapshots, or write active views, whichever path the change takes:
 mkdir, rmdir, rename, create (touch), an open for writing, a write to a
 control file, and setattr (``touch`` on a control file is a utimensat()
 with no open; ``truncate``; chmod and chown).  Reads are what the modes
-say: views 0440, active views 0660, control files 0220, status 0440.
+say: snapshot disk views 0640 (the owner's writable opens get a throwaway
+overlay), snapshot.json 0440, active views 0660, control files 0220,
+status 0440.
 
 Scenario A: a store owned and mounted by root with ``-o allow_other``.
 Throwaway users, a member of the owner's group (root's) and a user in no
@@ -348,7 +350,7 @@ def test_modes_and_owner_are_as_documented(shared):
     want = {
         shared.mnt: 0o555, vm: 0o555, vm / "active": 0o555, vm / "control": 0o555,
         vm / "snapshots": 0o755, vm / "snapshots" / "monday": 0o555,
-        vm / "active" / "sda.raw": 0o660, vm / "snapshots" / "monday" / "sda.raw": 0o440,
+        vm / "active" / "sda.raw": 0o660, vm / "snapshots" / "monday" / "sda.raw": 0o640,
         vm / "snapshots" / "monday" / "snapshot.json": 0o440,
         vm / "control" / "status": 0o440,
         **{vm / "control" / c: 0o220 for c in ("create", "delete", "preview", "commit", "undo")},
@@ -550,6 +552,10 @@ def test_the_owner_changes_snapshots_through_a_private_mount(private):
     assert U.probe(p.owner, "read", f"{p.vm}/snapshots/a2/sda.raw", ns=p.ns) == f"OK {expected}"
     assert U.probe(p.owner, "read", active, ns=p.ns) == f"OK {expected}"
     assert U.probe(p.owner, "truncate", active, DISK, ns=p.ns) == "OK"   # a no-op, allowed
+    # The owner may open a snapshot view for writing: a throwaway overlay.
+    view = f"{p.vm}/snapshots/{timed}/sda.raw"
+    assert U.probe(p.owner, "pwrite", view, ns=p.ns) == "OK"
+    assert U.probe(p.owner, "read", view, ns=p.ns) == f"OK {expected}"
     manifest = json.loads((p.store / "vms" / VM / "manifest.json").read_text())
     assert [s["name"] for s in manifest["snapshots"]] == ["a2", timed]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.support import qemu
 from tests.support.daemon import daemon_pid, deleted_files, open_files, rss_bytes
-from tests.support.mounting import mounted, snapfs
+from tests.support.mounting import mounted, snapfs, wait_for
 
 MiB = 1 << 20
 PROFILE = os.environ.get("SNAPFS_TEST_PROFILE", "ci")
@@ -87,6 +87,11 @@ def creator(run):
         try:
             if i % 3:
                 os.mkdir(run.vm / "snapshots" / name)
+                # A mkdir asked while a merge runs is queued: the snapshot
+                # shows once its turn comes (test_merge_wait.py).
+                if not wait_for((run.vm / "snapshots" / name).exists, timeout=120):
+                    run.fail(f"create {name}", "the queued mkdir never made it")
+                    continue
             else:
                 command(run.vm / "control" / "create", f"{name} made by the stress run\n")
             if i % 8 == 1:

@@ -1,6 +1,7 @@
 """Real mounts for tests: a context manager that always unmounts."""
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,25 @@ def wait_for(predicate, timeout=10):
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def expect_errno(code, fn, *args, **kw):
+    """``fn(*args, **kw)`` must fail with OSError ``code``."""
+    import pytest
+    with pytest.raises(OSError) as e:
+        fn(*args, **kw)
+    assert e.value.errno == code, f"{getattr(fn, '__name__', fn)}{args}: " \
+                                  f"{os.strerror(e.value.errno)}, wanted {os.strerror(code)}"
+
+
+def mountinfo_fields(mountpoint):
+    """The /proc/self/mountinfo fields of the mount at ``mountpoint``, or None."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                return fields
+    return None
 
 
 def snapfs_mounts():

@@ -125,3 +125,80 @@ def test_help_texts():
     for args in ([], ["vm", "add"], ["mount"], ["check"]):
         r = subprocess.run([exe, *args, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: snapfs" in r.stdout
+
+
+# -- the mount.fuse3 form and mount options -------------------------------------
+
+from snapfs.cli import _mount_form, build_parser  # noqa: E402
+from snapfs.errors import InvalidArgument  # noqa: E402
+from snapfs.fs.mount_options import parse_mount_options  # noqa: E402
+
+
+def test_mount_form_is_recognised():
+    p = build_parser()
+    # As mount.fuse3 runs it.
+    assert _mount_form(["/srv/vms", "/mnt/vms", "-o", "rw,dev,suid"], p) == \
+        ["mount", "/srv/vms", "/mnt/vms", "-o", "rw,dev,suid"]
+    assert _mount_form(["--debug", "store", "/mnt"], p) == ["--debug", "mount", "store", "/mnt"]
+    args = p.parse_args(_mount_form(["/srv/vms", "/mnt/vms", "-o", "ro", "-o", "allow_other"], p))
+    assert (args.store, args.mountpoint, args.options) == ("/srv/vms", "/mnt/vms",
+                                                           ["ro", "allow_other"])
+    # Subcommands are untouched, and a lone unknown word is still a bad command.
+    for argv in (["mount", "s", "m"], ["vm", "list", "s"], ["umount", "m"], ["bogus"], [],
+                 ["--version"]):
+        assert _mount_form(argv, p) == argv
+
+
+def test_mount_form_through_the_cli(tmp_path):
+    r = snapfs(tmp_path / "nostore", tmp_path, "-o", "ro", check=False)
+    assert_one_line_error(r, "no such store")
+    r = snapfs(tmp_path / "nostore", tmp_path, "-o", "bogus", check=False)
+    assert_one_line_error(r, "unknown mount option 'bogus'")
+    r = snapfs(tmp_path / "nostore", "/dev/fd/5", "-o", "rw", check=False)
+    assert_one_line_error(r, "drop_privileges mount option is not supported")
+    assert "STORE MOUNTPOINT" in snapfs("--help").stdout
+
+
+def test_mount_options_sorted():
+    o = parse_mount_options(["rw,dev,suid"])     # what `mount -t fuse.snapfs` sends by default
+    assert (o.read_only, o.allow_other, o.fuse_flags) == (False, False, [])
+    o = parse_mount_options(["ro,nodev,nosuid,noexec,allow_other"])
+    assert o.read_only and o.allow_other and o.fuse_flags == ["ro", "noexec"]
+    # Bookkeeping, atime and dev/suid options are accepted and go nowhere.
+    o = parse_mount_options(["defaults,auto,noauto,nofail,_netdev,user,users,nouser,owner,group",
+                             "relatime,noatime,lazytime,strictatime,nodiratime,user=bob",
+                             "comment=x,x-systemd.automount,default_permissions,,"])
+    assert (o.read_only, o.allow_other, o.fuse_flags) == (False, False, [])
+    # The later of a pair wins, as with mount(8).
+    assert parse_mount_options(["ro", "rw"]).read_only is False
+    assert parse_mount_options(["rw,ro"]).read_only is True
+    assert parse_mount_options(["noexec,exec,sync,dirsync"]).fuse_flags == ["sync", "dirsync"]
+    assert parse_mount_options(["exec,noexec,sync,async"]).fuse_flags == ["noexec"]
+
+
+def test_scratch_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    o = parse_mount_options(["scratch=rel/dir,scratch_limit=20G"])
+    assert o.scratch_dir == str(tmp_path / "rel" / "dir")   # absolute: the daemon leaves cwd
+    assert o.scratch_limit == 20 << 30
+    o = parse_mount_options(["scratch=/var/tmp/x", "scratch_limit=512M"])
+    assert (o.scratch_dir, o.scratch_limit) == ("/var/tmp/x", 512 << 20)
+    assert (parse_mount_options([]).scratch_dir, parse_mount_options([]).scratch_limit) == \
+        (None, None)
+
+
+@pytest.mark.parametrize("option, words", [
+    ("bogus", "unknown mount option 'bogus'"),
+    ("fsname=x", "unknown mount option 'fsname=x'"),    # would hide the mount from umount
+    ("subtype=x", "unknown mount option"),
+    ("auto_unmount", "unknown mount option"),
+    ("nosymfollow", "unknown mount option"),
+    ("scratch", "unknown mount option 'scratch'"),
+    ("scratch=", "scratch= needs a directory"),
+    ("scratch_limit=12Q", "scratch_limit: invalid size '12Q'"),
+    ("scratch_limit=0", "scratch_limit: invalid size '0'"),
+])
+def test_bad_mount_options(option, words):
+    with pytest.raises(InvalidArgument) as e:
+        parse_mount_options(["allow_other", option])
+    assert words in str(e.value)

@@ -64,7 +64,27 @@ def test_errors_carry_errno(vfs):
         path(vfs, "web", "snapshots", "friday")
     assert e.value.errno == errno.ENOENT
     with pytest.raises(ReadOnly) as e:
-        vfs.open(path(vfs, "web", "snapshots", "monday", "sda.raw").inode, writable=True)
+        vfs.open(path(vfs, "web", "snapshots", "monday", "snapshot.json").inode, writable=True)
     assert e.value.errno == errno.EROFS
     with pytest.raises(NotFound):
         vfs.listdir(path(vfs, "web", "active", "sda.raw").inode)
+
+
+def test_writable_open_of_a_snapshot_view_gets_a_private_overlay(vfs, store):
+    node = path(vfs, "web", "snapshots", "monday", "sda.raw")
+    private = vfs.open(node.inode, writable=True)
+    shared = vfs.open(node.inode, writable=False)
+    assert private.overlay is not None and shared.overlay is None
+    assert vfs.write(private, 100, b"mine") == 4
+    assert vfs.read(private, 96, 12) == b"\x01" * 4 + b"mine" + b"\x01" * 4
+    assert vfs.read(shared, 96, 12) == b"\x01" * 12
+    # It may have to copy from the snapshot: never answered in the event loop.
+    assert vfs.read_nowait(private, 0, 4096) is None
+    status = json.loads(vfs._status(node.vm))
+    assert status["overlays"] == [{"file": "web/snapshots/monday/sda.raw", "bytes": 4096}]
+    assert vfs.needs_release(private)
+    vfs.closed(private)
+    vfs.release(private)
+    assert json.loads(vfs._status(node.vm))["overlays"] == []
+    assert vfs.read(vfs.open(node.inode, writable=False), 96, 12) == b"\x01" * 12
+    assert not (store / "scratch").exists() or list((store / "scratch").iterdir()) == []
