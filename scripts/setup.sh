@@ -6,19 +6,31 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs fdisk gdisk util-linux mount)
+# qemu-system-x86_64 for the tests of running VMs; without its recommends
+# (GTK display, firmware), which a -display none QEMU never uses.
+APT_LEAN_PACKAGES=(qemu-system-x86)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
 missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing ${missing[*]}"
+for pkg in "${APT_PACKAGES[@]}"; do installed "$pkg" || missing+=("$pkg"); done
+lean=()
+for pkg in "${APT_LEAN_PACKAGES[@]}"; do installed "$pkg" || lean+=("$pkg"); done
+if [ $(( ${#missing[@]} + ${#lean[@]} )) -gt 0 ]; then
+    echo "setup: installing ${missing[*]} ${lean[*]}"
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [ ${#missing[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if [ ${#lean[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+            "${lean[@]}" >/dev/null
+    fi
 fi
 
 [ -e /dev/fuse ] || as_root modprobe fuse || true

@@ -7,6 +7,7 @@ Every error is one line on stderr and a non-zero exit, never a traceback
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import __version__
@@ -80,7 +81,7 @@ def build_parser():
     c.add_argument("store")
     c.set_defaults(func=cmd_init)
 
-    vm = sub.add_parser("vm", help="add, list or remove VMs").add_subparsers(
+    vm = sub.add_parser("vm", help="add, list, remove VMs; attach them to QEMU").add_subparsers(
         title="vm commands", metavar="COMMAND")
     c = vm.add_parser("add", help="add a VM with new or imported disks",
                       description="Add a VM.  SPEC is a size (20G: a new blank qcow2 disk) or "
@@ -106,6 +107,36 @@ def build_parser():
     c.add_argument("store")
     c.add_argument("vm")
     c.set_defaults(func=cmd_vm_remove)
+    c = vm.add_parser("attach", help="record the QEMU that runs a VM (its QMP socket)",
+                      description="Record, on this host, how to reach the QEMU that runs VM: "
+                      "its QMP socket and optionally its guest agent's.  If QEMU answers, it "
+                      "must run the VM's active volumes.  Operations then check it first; while "
+                      "it runs they are refused (EBUSY).  Works whether or not the store is "
+                      "mounted: a mount reads the record before each operation.")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP UNIX socket")
+    c.add_argument("--guest-agent", metavar="SOCKET",
+                   help="the UNIX socket of the guest agent's channel")
+    c.set_defaults(func=cmd_vm_attach)
+    c = vm.add_parser("detach", help="forget the QEMU recorded for a VM")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.set_defaults(func=cmd_vm_detach)
+    c = vm.add_parser("qemu-args", help="print qemu-system arguments for a VM's active volumes",
+                      description="Print the qemu-system arguments that run VM on its active "
+                      "volumes, one per line: per disk a -blockdev and a virtio-blk-pci "
+                      "-device (node name and id snapfs-DISK), and the QMP monitor and guest "
+                      "agent channel if asked.  Use: qemu-system-x86_64 ... $(snapfs vm "
+                      "qemu-args STORE VM --qmp SOCK) when the paths have no blanks; else "
+                      "mapfile -t a < <(snapfs vm qemu-args ...); qemu-system-x86_64 ... "
+                      "\"${a[@]}\".")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.add_argument("--qmp", metavar="SOCKET", help="add a QMP monitor listening on SOCKET")
+    c.add_argument("--guest-agent", metavar="SOCKET",
+                   help="add a guest agent channel listening on SOCKET")
+    c.set_defaults(func=cmd_vm_qemu_args)
 
     snap = sub.add_parser("snapshot", help="list, create, delete, rename and preview snapshots"
                           ).add_subparsers(title="snapshot commands", metavar="COMMAND")
@@ -195,6 +226,7 @@ def cmd_vm_add(args):
 
 
 def cmd_vm_list(args):
+    from .qemu.attach import read_record
     store = Store.open(args.store)
     rows = []
     for name in store.vm_names():
@@ -203,24 +235,83 @@ def cmd_vm_list(args):
             rows.append({"name": name, "disks": m.disks, "snapshots": len(m.snapshots)})
         except SnapfsError as e:
             rows.append({"name": name, "error": str(e)})
+            continue
+        try:
+            record = read_record(store.path, name)
+        except SnapfsError as e:
+            rows[-1]["attached"] = {"error": str(e)}
+            continue
+        rows[-1]["attached"] = record and {k: record[k] for k in ("qmp", "guest_agent",
+                                                                  "attached")}
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     for r in rows:
         if "error" in r:
             print(f"{r['name']}\tBROKEN: {r['error']}")
-        else:
-            print(f"{r['name']}\tdisks: {','.join(r['disks'])}\tsnapshots: {r['snapshots']}")
+            continue
+        line = f"{r['name']}\tdisks: {','.join(r['disks'])}\tsnapshots: {r['snapshots']}"
+        attached = r["attached"]
+        if attached and "error" in attached:
+            line += f"\tattached: BROKEN: {attached['error']}"
+        elif attached:
+            line += f"\tattached: qmp {attached['qmp']}"
+            if attached["guest_agent"]:
+                line += f", guest agent {attached['guest_agent']}"
+        print(line)
 
 
 def cmd_vm_remove(args):
+    from .qemu.attach import remove_record
     store = Store.open(args.store)
     _locked(store, f"snapfs vm remove {args.vm}")
     try:
         store.remove_vm(args.vm)
     finally:
         store.release_lock()
+    # A VM added later under this name is not the one that QEMU runs.
+    remove_record(store.path, args.vm, missing_ok=True)
     print(f"removed VM {args.vm}")
+
+
+def cmd_vm_attach(args):
+    """No writer lock: the manifest is only read (it is replaced atomically),
+    and the record lives outside the store, so a mounted store is attached
+    the same way (the mount reads the record before each operation)."""
+    from .errors import QemuNotRunning
+    from .qemu.attach import write_record
+    from .qemu.qmp import QmpSession
+    from .qemu.verify import check_runs_active
+    store = Store.open(args.store)
+    m = store.load_vm(args.vm)
+    try:
+        with QmpSession(args.qmp) as qmp:
+            check_runs_active(store, m, qmp)
+        state = "QEMU runs its active volumes"
+    except QemuNotRunning:
+        state = "QEMU is not running now: the VM is treated as offline until it is"
+    write_record(store.path, m.name, args.qmp, args.guest_agent)
+    print(f"attached VM {m.name} to the QEMU at {os.path.abspath(args.qmp)}: {state}")
+
+
+def cmd_vm_detach(args):
+    from .qemu.attach import remove_record
+    store = Store.open(args.store)
+    store.vm_dir(args.vm)       # a valid name (the VM itself may be gone)
+    remove_record(store.path, args.vm)
+    print(f"detached VM {args.vm}")
+
+
+def cmd_vm_qemu_args(args):
+    from .qemu.args import qemu_args
+    store = Store.open(args.store)
+    m = store.load_vm(args.vm)
+    leaves = {disk: (store.volume_path(m.name, vid), m.volumes[vid]["format"])
+              for disk, vid in m.active.items()}
+    leaves = {disk: leaves[disk] for disk in m.disks}
+    words = qemu_args(leaves, qmp=args.qmp and os.path.abspath(args.qmp),
+                      guest_agent=args.guest_agent and os.path.abspath(args.guest_agent))
+    print("\n".join(words))
 
 
 def cmd_snapshot_list(args):

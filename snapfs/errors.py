@@ -94,3 +94,24 @@ class CorruptImage(ImageError):
 
 class UnsafeBacking(ImageError):
     """A backing reference that leaves the image's directory, loops, or is too deep."""
+
+
+class QemuError(SnapfsError):
+    """The QEMU that runs a VM failed to answer its monitor (QMP) or refused
+    a command.  The message names the socket."""
+
+    errno = errno.EIO
+
+
+class QemuNotRunning(QemuError):
+    """Nothing listens on the QMP socket: the VM is not running (offline)."""
+
+
+class QemuTimeout(QemuError):
+    """QEMU is there but did not answer in time: try again later."""
+
+    errno = errno.EBUSY
+
+
+class QemuMismatch(Busy):
+    """The QEMU attached to a VM does not run the VM's active volumes."""

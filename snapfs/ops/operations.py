@@ -15,6 +15,11 @@ interrupted (DESIGN.md section 4):
 The caller holds the store's writer lock.  Errors carry their errno:
 ENOENT unknown snapshot, EEXIST name taken, EINVAL bad name or no preview,
 EBUSY a preview is open or QEMU holds a volume, ENOSPC not enough space.
+
+A VM attached to a QEMU that is running (snapfs/qemu/live.py) is checked
+first: its QEMU must run the active leaves, and then, for now, every
+operation but rename is refused (EBUSY).  Live create and delete will run
+there instead; preview, commit and undo stay refused, as in RHV.
 """
 
 import logging
@@ -24,6 +29,7 @@ from datetime import datetime, timezone
 
 from ..errors import AlreadyExists, Busy, ChainTooDeep, InvalidArgument, NotFound
 from ..qcow2.create import create_image
+from ..qemu.live import running_qemu
 from ..store.chain import MAX_CHAIN_DEPTH
 from ..store.faults import crashpoint
 from ..store.inuse import held_by_qemu
@@ -102,6 +108,21 @@ class VmOperations:
                 raise Busy(f"volume {vid} of VM {self.vm} is in use by QEMU "
                            f"(it holds the image lock); stop the VM first")
 
+    def _refuse_if_running(self, m, what=None):
+        """If the VM runs in an attached QEMU: verify that QEMU runs the
+        active leaves (else EBUSY naming the differences), then refuse.
+        ``what`` names an operation that needs the VM stopped for good
+        (preview, commit, undo); without it the operation (create, delete)
+        will run live in QEMU here, and is refused until it does."""
+        with running_qemu(self.store, m) as qemu:
+            if qemu is None:
+                return
+            if what:
+                raise Busy(f"VM {self.vm} runs in QEMU (attached): {what} needs it stopped, "
+                           f"as in RHV; stop the VM first")
+            raise Busy(f"VM {self.vm} runs in QEMU (attached): live snapshots and merges are "
+                       f"not supported yet; stop the VM first")
+
     def _snapshot(self, m, name):
         snap = m.snapshot(name)
         if snap is None:
@@ -148,6 +169,7 @@ class VmOperations:
         name = check_snapshot_name(name or default_snapshot_name())
         m = self._load()
         refuse_create(m, name, description)
+        self._refuse_if_running(m)
         self._refuse_if_in_use(m, m.active.values())
         with self.users.hold(m.disks):
             for vid in m.active.values():
@@ -186,6 +208,7 @@ class VmOperations:
         if m.preview:
             raise Busy(f"VM {self.vm} already has a preview open")
         snap = self._snapshot(m, name)
+        self._refuse_if_running(m, "previewing a snapshot")
         self._refuse_if_in_use(m, m.active.values())
         self._refuse_if_writers(m, what=f"previewing {name}")
         with self.users.hold(m.disks):
@@ -202,6 +225,7 @@ class VmOperations:
         m = self._load()
         if not m.preview:
             raise InvalidArgument(f"VM {self.vm} has no preview open")
+        self._refuse_if_running(m, "committing a preview")
         self._refuse_if_in_use(m, list(m.active.values()) + list(m.preview["before"].values()))
         index = next(i for i, s in enumerate(m.snapshots) if s.id == m.preview["snapshot"])
         name = m.snapshots[index].name
@@ -221,6 +245,7 @@ class VmOperations:
         m = self._load()
         if not m.preview:
             raise InvalidArgument(f"VM {self.vm} has no preview open")
+        self._refuse_if_running(m, "undoing a preview")
         self._refuse_if_in_use(m, m.active.values())
         # before-preview's bytes become active again, and change.
         self._refuse_if_writers(m, [BEFORE_PREVIEW_USE], what="undoing the preview")
@@ -243,6 +268,7 @@ class VmOperations:
         if m.preview:
             raise Busy(f"VM {self.vm} has a preview open; commit or undo it first")
         snap = self._snapshot(m, name)
+        self._refuse_if_running(m)
         pool = VolumePool()
         try:
             plans = [plan_merge(self.store, m, disk, snap.volumes[disk], pool) for disk in m.disks]
