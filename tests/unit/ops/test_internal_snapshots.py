@@ -56,8 +56,10 @@ def expected_history(paths):
     return entries
 
 
-def check_import(store, vm, paths, disk="sda"):
-    """The VM's snapshots and active state are the history of ``paths``."""
+def check_import(store, vm, paths, disk="sda", dates=True):
+    """The VM's snapshots and active state are the history of ``paths``.
+    ``dates``: the snapshots carry the dates of these images' snapshots
+    (with several disks, a snapshot has one date: its first disk's)."""
     m = manifest(store, vm)
     entries = expected_history(paths)
     *snapshots, active = entries
@@ -67,7 +69,8 @@ def check_import(store, vm, paths, disk="sda"):
     for record, (kind, path, snap) in zip(m["snapshots"], snapshots):
         got = volume_bytes(volume_path(store, vm, record["volumes"][disk]))
         if kind == "internal":
-            assert record["created"] == snap.created
+            if dates:
+                assert record["created"] == snap.created
             assert snap.name in record["description"] and path.name in record["description"]
             restored, converted = snapshot_views(path, snap.id)
             if len(converted) == len(restored):     # not resized since: QEMU's views agree
@@ -277,7 +280,8 @@ def test_several_disks_are_matched_by_snapshot_name(tmp_path, store):
     m = manifest(store, "m")
     assert [s["name"] for s in m["snapshots"]] == ["first", "second"]
     check_import(store, "m", [a], disk="sda")
-    check_import(store, "m", [b], disk="sdb")
+    # b's snapshots may be a second younger than a's: the VM has a's dates.
+    check_import(store, "m", [b], disk="sdb", dates=False)
     for s in m["snapshots"]:
         assert volume_bytes(volume_path(store, "m", s["volumes"]["blank"])) == bytes(1 * MiB)
 
