@@ -25,12 +25,14 @@ unmount runs it first (Vfs.close).
 """
 
 import collections
+import os
 import threading
 from dataclasses import dataclass, field
 
 from ..errors import AlreadyExists, Busy, ChainTooDeep, NotFound
 from ..ops.finish import utc_now
 from ..ops.users import snapshot_use
+from ..qemu.attach import read_record
 from ..store.chain import MAX_CHAIN_DEPTH
 from ..store.inuse import held_by_qemu
 from ..store.names import check_snapshot_name
@@ -268,6 +270,15 @@ def _refuse_if_busy_now(job, vm, volume_path):
                        f"(umount, losetup -d) and try again")
     if volume_path is None:
         return
+    if job.op == "create":
+        # A create of an attached VM runs live in its QEMU, which holds the
+        # image locks; whether it is the QEMU of these volumes is verified
+        # when the create runs.  The store is three levels above a volume
+        # (STORE/vms/VM/UUID).
+        leaf = volume_path(next(iter(m.active.values())))
+        store = os.path.dirname(os.path.dirname(os.path.dirname(leaf)))
+        if read_record(store, vm.name) is not None:
+            return
     for vid in _volumes_changed(job, m):
         if held_by_qemu(volume_path(vid)):
             raise Busy(f"volume {vid} of VM {vm.name} is in use by QEMU (it holds the image "

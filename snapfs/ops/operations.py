@@ -17,9 +17,23 @@ ENOENT unknown snapshot, EEXIST name taken, EINVAL bad name or no preview,
 EBUSY a preview is open or QEMU holds a volume, ENOSPC not enough space.
 
 A VM attached to a QEMU that is running (snapfs/qemu/live.py) is checked
-first: its QEMU must run the active leaves, and then, for now, every
-operation but rename is refused (EBUSY).  Live create and delete will run
-there instead; preview, commit and undo stay refused, as in RHV.
+first: its QEMU must run the active leaves.  Then create runs live
+(``_create_live``); delete is refused for now (EBUSY), and preview, commit
+and undo stay refused, as in RHV.
+
+Live create, in this order (each step a crash point):
+
+1. record the intent: the new overlays, the snapshot, phase "prepare";
+2. make and fsync the overlays (as offline);
+3. ``blockdev-add`` them (snapfs/qemu/snapshot.py);
+4. record phase "switch": from here QEMU may write the overlays;
+5. freeze the guest (if an agent is attached; bounded, always thawed),
+   one QMP ``transaction`` switches every disk, thaw;
+6. switch the manifest: the snapshot owns the old leaves.
+
+Recovery rolls back before the transaction and forward after it, asking
+QEMU which leaves it writes (ops/recovery.py says what it does when QEMU is
+gone).
 """
 
 import logging
@@ -27,9 +41,11 @@ import os
 import uuid
 from datetime import datetime, timezone
 
-from ..errors import AlreadyExists, Busy, ChainTooDeep, InvalidArgument, NotFound
+from ..errors import AlreadyExists, Busy, ChainTooDeep, InvalidArgument, NotFound, QemuError
 from ..qcow2.create import create_image
+from ..qemu.agent import frozen_guest
 from ..qemu.live import running_qemu
+from ..qemu.snapshot import add_overlays, device_tops, remove_overlays, switch, switched_disks
 from ..store.chain import MAX_CHAIN_DEPTH
 from ..store.faults import crashpoint
 from ..store.inuse import held_by_qemu
@@ -38,7 +54,7 @@ from ..store.names import check_description, check_snapshot_name
 from ..store.volume import VolumePool, open_volume
 from .finish import finish_delete, finish_deletions, utc_now
 from .merge import check_space, plan_merge
-from .recovery import recover_vm
+from .recovery import recover_vm, switch_to_live_overlays
 from .users import BEFORE_PREVIEW_USE, Users, active_write_use, snapshot_use
 
 log = logging.getLogger(__name__)
@@ -112,16 +128,16 @@ class VmOperations:
         """If the VM runs in an attached QEMU: verify that QEMU runs the
         active leaves (else EBUSY naming the differences), then refuse.
         ``what`` names an operation that needs the VM stopped for good
-        (preview, commit, undo); without it the operation (create, delete)
-        will run live in QEMU here, and is refused until it does."""
+        (preview, commit, undo); without it the operation (delete) will
+        run live in QEMU here, and is refused until it does."""
         with running_qemu(self.store, m) as qemu:
             if qemu is None:
                 return
             if what:
                 raise Busy(f"VM {self.vm} runs in QEMU (attached): {what} needs it stopped, "
                            f"as in RHV; stop the VM first")
-            raise Busy(f"VM {self.vm} runs in QEMU (attached): live snapshots and merges are "
-                       f"not supported yet; stop the VM first")
+            raise Busy(f"VM {self.vm} runs in QEMU (attached): live merges (deleting a "
+                       f"snapshot) are not supported yet; stop the VM first")
 
     def _snapshot(self, m, name):
         snap = m.snapshot(name)
@@ -169,7 +185,12 @@ class VmOperations:
         name = check_snapshot_name(name or default_snapshot_name())
         m = self._load()
         refuse_create(m, name, description)
-        self._refuse_if_running(m)
+        with running_qemu(self.store, m) as qemu:
+            if qemu is not None:
+                with self.users.hold(m.disks):
+                    snap = self._create_live(m, name, description, qemu)
+                crashpoint("create:done")
+                return snap
         self._refuse_if_in_use(m, m.active.values())
         with self.users.hold(m.disks):
             for vid in m.active.values():
@@ -183,6 +204,70 @@ class VmOperations:
             self._save(m)
         crashpoint("create:done")
         return snap
+
+    def _create_live(self, m, name, description, qemu):
+        """Steps 1-6 of a live create (see the module's docstring)."""
+        new = {disk: str(uuid.uuid4()) for disk in m.disks}
+        snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(), dict(m.active))
+        m.operation = {"op": "create", "live": "prepare", "new": new, "snapshot": snap.to_json()}
+        self._save(m)
+        crashpoint("create:recorded")
+        for disk in m.disks:
+            parent = m.active[disk]
+            create_image(self._path(new[disk]), self._volume_size(m, parent),
+                         backing=parent, backing_format=m.volumes[parent]["format"])
+            crashpoint("create:overlay")
+        fsync_dir(self.store.vm_dir(self.vm))
+        try:
+            tops = device_tops(self.store, m, qemu)
+            add_overlays(qemu, {new[d]: self._path(new[d]) for d in m.disks})
+        except BaseException:
+            self._roll_back_live(m, qemu, new, added=False)
+            raise
+        crashpoint("create:added")
+        m.operation["live"] = "switch"
+        self._save(m)
+        crashpoint("create:switching")
+        try:
+            with frozen_guest(qemu.guest_agent) as freeze:
+                switch(qemu, tops, new)
+                freeze.switched()
+        except QemuError as e:
+            self._after_failed_switch(m, qemu, new, e)
+            freeze.consistency = "crash"
+        crashpoint("create:switched")
+        snap = switch_to_live_overlays(m, self._save, freeze.consistency)
+        log.info("VM %s: live snapshot %s taken (%s-consistent%s)", self.vm, name,
+                 freeze.consistency, f": {freeze.reason}" if freeze.reason else "")
+        return snap
+
+    def _after_failed_switch(self, m, qemu, new, error):
+        """The transaction failed or its answer was lost: ask QEMU.  Returns
+        if it switched after all (the create goes on); else rolls back and
+        raises ``error``.  If QEMU can't be asked, the intent stays for
+        recovery to decide."""
+        try:
+            switched = switched_disks(self.store, m, qemu, new)
+        except QemuError:
+            raise QemuError(f"VM {self.vm}: the live snapshot's switch failed ({error}), and "
+                            f"QEMU can't say whether it switched; the next operation (or "
+                            f"'snapfs check') decides") from None
+        if switched:
+            log.warning("VM %s: QEMU switched though the transaction reported %s", self.vm, error)
+            return
+        self._roll_back_live(m, qemu, new, added=True)
+        raise error
+
+    def _roll_back_live(self, m, qemu, new, added):
+        """Undo a live create that QEMU did not switch to: its nodes, the
+        overlays, the intent."""
+        if added:
+            try:
+                remove_overlays(qemu, new.values())
+            except QemuError as e:
+                log.error("VM %s: removing the nodes of a failed live snapshot: %s", self.vm, e)
+        m.operation = {"op": "create", "delete": sorted(new.values())}
+        finish_deletions(self.store, m, self._save)
 
     def rename(self, old, new):
         check_snapshot_name(new)

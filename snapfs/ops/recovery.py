@@ -5,9 +5,15 @@ manifest (ops/operations.py says which way each one goes)."""
 
 import logging
 
+from ..errors import QemuError, QemuNotRunning
+from ..qemu.agent import AgentError, GuestAgent
+from ..qemu.attach import read_record
+from ..qemu.qmp import QmpSession
+from ..qemu.snapshot import overlays_written, remove_overlays, switched_disks
+from ..store.manifest import Snapshot
 from ..store.scratch import default_scratch_dir, remove_leftover_overlays
 from ..store.volume import VolumePool
-from .finish import finish_delete, finish_deletions
+from .finish import finish_delete, finish_deletions, utc_now
 from .merge import plan_merge
 
 log = logging.getLogger(__name__)
@@ -20,6 +26,8 @@ def recover_vm(store, m, save=None, users=None):
     if op is None:
         return None
     kind = op["op"]
+    if kind == "create" and op.get("live") and "new" in op:
+        return _recover_live_create(store, m, save)
     if kind in ("create", "preview") and "new" in op:
         # Rolled back: the manifest never switched to the new overlays.
         for vid in op["new"].values():
@@ -44,6 +52,97 @@ def recover_vm(store, m, save=None, users=None):
     return f"{m.name}: finished an interrupted {kind}"
 
 
+def switch_to_live_overlays(m, save, consistency):
+    """The manifest switch of a live create whose overlays QEMU writes: the
+    snapshot recorded in the intent owns the old leaves, the overlays are
+    active."""
+    op = m.operation
+    snap = op["snapshot"]
+    old = snap["volumes"]
+    for disk, vid in op["new"].items():
+        m.volumes[vid] = {"disk": disk, "format": "qcow2", "parent": old[disk]}
+    m.active = dict(op["new"])
+    created = Snapshot(snap["id"], snap["name"], snap["description"], snap["created"],
+                       dict(old), consistency)
+    m.snapshots.append(created)
+    m.operation = None
+    m.last_operation = {"op": "create", "snapshot": created.name, "live": True,
+                        "consistency": consistency, "finished": utc_now()}
+    save(m)
+    return created
+
+
+def _recover_live_create(store, m, save):
+    """A live create that stopped before its manifest switch.  QEMU decides:
+
+    - QEMU answers: it writes the new overlays (the transaction ran) ->
+      roll forward; it writes the old leaves -> roll back, removing the
+      nodes the create added to it.
+    - QEMU is gone (or the VM was detached): if the create never got to
+      the transaction (phase "prepare"), QEMU can't have switched -> roll
+      back.  Else it may have switched and written: roll forward if any
+      overlay maps a cluster on disk, or can't be read; roll back if all
+      are empty, which reads the same bytes either way (an empty overlay
+      shows its backing leaf, which QEMU no longer wrote after a switch).
+    - QEMU doesn't answer in time: raise QemuTimeout (EBUSY), deciding
+      nothing; the next writer asks again.
+
+    A rolled-forward snapshot is "crash"-consistent: whether a freeze held
+    through the switch was never recorded."""
+    op = m.operation
+    new = op["new"]
+    save = save or store.save_vm
+    record = read_record(store.path, m.name)
+    forward = None
+    if record is not None:
+        qmp = QmpSession(record["qmp"])
+        try:
+            qmp.open()
+        except QemuNotRunning:
+            qmp = None
+        if qmp is not None:
+            try:
+                if op.get("live") == "switch":
+                    _thaw(record.get("guest_agent"))
+                switched = switched_disks(store, m, qmp, new)
+                if switched and switched != set(new):
+                    log.error("%s: QEMU switched only disks %s of a live create (a transaction "
+                              "switches all or none); rolling forward", m.name, sorted(switched))
+                forward = bool(switched)
+                why = "QEMU writes the new overlays" if forward else "QEMU writes the old leaves"
+                if not forward:
+                    remove_overlays(qmp, new.values())
+            finally:
+                qmp.close()
+    if forward is None:
+        paths = [store.volume_path(m.name, vid) for vid in new.values()]
+        if op.get("live") != "switch":
+            forward, why = False, "QEMU is gone, and was not asked to switch"
+        elif overlays_written(paths):
+            forward, why = True, "QEMU is gone, and the new overlays hold its writes"
+        else:
+            forward, why = False, "QEMU is gone, and the new overlays are empty"
+    if forward:
+        switch_to_live_overlays(m, save, "crash")
+        return f"{m.name}: rolled forward an interrupted live create ({why})"
+    m.operation = {"op": "create", "delete": sorted(new.values())}
+    finish_deletions(store, m, save)
+    return f"{m.name}: rolled back an interrupted live create ({why})"
+
+
+def _thaw(agent_path):
+    """A crash inside the freeze window leaves the guest frozen: thaw it
+    (a thawed guest ignores this)."""
+    if not agent_path:
+        return
+    try:
+        with GuestAgent(agent_path) as agent:
+            agent.execute("guest-fsfreeze-thaw")
+    except AgentError as e:
+        log.warning("%s: could not thaw the guest after an interrupted live create: %s",
+                    agent_path, e)
+
+
 def recover(store, scratch_dirs=()):
     """Recover every VM of the store, and remove the throwaway overlays of
     dead daemons from the store's scratch directory and ``scratch_dirs``.
@@ -62,7 +161,12 @@ def recover(store, scratch_dirs=()):
         if m.operation is None:
             continue
         store.forget_loaded(name)      # recover_vm changes it
-        line = recover_vm(store, m)
+        try:
+            line = recover_vm(store, m)
+        except QemuError as e:
+            # A live create whose QEMU doesn't answer now: decided later,
+            # by the first operation on the VM; the rest of the store opens.
+            line = f"{name}: recovery deferred: {e}"
         if line:
             log.warning("%s", line)
             done.append(line)

@@ -18,7 +18,8 @@ from .verify import check_runs_active
 @contextlib.contextmanager
 def running_qemu(store, m):
     """A context that yields an open ``QmpSession`` to the QEMU that runs
-    VM ``m`` (its manifest), verified to run the VM's active leaves; or
+    VM ``m`` (its manifest), verified to run the VM's active leaves, with
+    the attached guest agent's socket (or None) as ``guest_agent``; or
     None if the VM is offline.  The record is read each time, so that a
     mount follows ``snapfs vm attach`` and ``detach`` without being told.
     Raises QemuMismatch (EBUSY) naming the differences, QemuTimeout
@@ -28,6 +29,7 @@ def running_qemu(store, m):
         yield None
         return
     session = QmpSession(record["qmp"])
+    session.guest_agent = record.get("guest_agent")
     try:
         session.open()
     except QemuNotRunning:

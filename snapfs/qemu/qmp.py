@@ -57,6 +57,7 @@ class QmpSession:
         self.path = os.path.abspath(socket_path)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.guest_agent = None      # the attached agent's socket, set by running_qemu
         self._runner = None
         self._client = None
 

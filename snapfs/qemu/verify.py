@@ -15,6 +15,7 @@ Devices are matched to disks by path first, then by the device id
 ``snapfs vm qemu-args`` gives them, then by the disk a volume belongs to.
 """
 
+import json
 import os
 
 from ..errors import QemuMismatch
@@ -27,14 +28,42 @@ def block_tops(qmp):
     """[(device label, top image file name)] of QEMU's block devices that
     have a medium.  The label is the device id (``-device ...,id=``), or
     the legacy drive name, or the node name."""
-    tops = []
+    return [(label, name) for label, name, _ in _devices(qmp)]
+
+
+def block_devices(qmp):
+    """[(device label, real path of its top image, top node name)]."""
+    return [(label, _real(name), node) for label, name, node in _devices(qmp)]
+
+
+def _devices(qmp):
+    devices = []
     for dev in qmp.execute("query-block"):
         inserted = dev.get("inserted")
         if not inserted:
             continue            # an empty CD-ROM drive
         filename = (inserted.get("image") or {}).get("filename") or inserted.get("file")
-        tops.append((_label(dev, inserted), filename))
-    return tops
+        devices.append((_label(dev, inserted), _plain(filename), inserted.get("node-name")))
+    return devices
+
+
+def _plain(filename):
+    """The file under a ``json:{...}`` name.  QEMU names a node that way
+    when it was opened with options its header doesn't imply, as a live
+    snapshot's overlay is (``backing: null``, its backing attached later):
+    ``json:{"driver": "qcow2", "file": {"driver": "file", "filename": P},
+    "backing": ...}`` is the qcow2 image at P."""
+    if not filename or not filename.startswith("json:"):
+        return filename
+    try:
+        spec = json.loads(filename[len("json:"):])
+        file = spec.get("file")
+        if isinstance(file, dict) and file.get("driver") == "file" \
+                and isinstance(file.get("filename"), str):
+            return file["filename"]
+    except (ValueError, AttributeError):
+        pass
+    return filename
 
 
 def _label(dev, inserted):

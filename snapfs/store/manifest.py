@@ -10,13 +10,19 @@ Schema (version 1)::
      "created": ISO-8601,
      "disks": ["sda", ...],
      "volumes": {UUID: {"disk": "sda", "format": "qcow2"|"raw", "parent": UUID|null}},
-     "snapshots": [{"id", "name", "description", "created", "volumes": {disk: UUID}}],
+     "snapshots": [{"id", "name", "description", "created", "volumes": {disk: UUID},
+                    "consistency": "offline" | "crash" | "frozen"}],
+                           # consistency: taken with the VM stopped, live without a
+                           # guest freeze, or live with it frozen through the agent;
+                           # "offline" when missing (manifests from before live create)
      "active": {disk: UUID},
      "preview": null | {"snapshot": UUID, "before": {disk: UUID}},
                            # while a preview is open: the previewed snapshot and
                            # the previous active leaves ("before preview")
      "operation": null | {"op": ..., ...},
-                           # an operation in progress, for recovery (ops/recovery.py)
+                           # an operation in progress, for recovery (ops/recovery.py);
+                           # a live create: {"op": "create", "new": {disk: UUID},
+                           #   "live": "prepare" | "switch", "snapshot": {...}}
      "last_operation": null | {...}}
                            # what the last finished operation did (merge direction, bytes)
 """
@@ -31,6 +37,7 @@ from .chain import MAX_CHAIN_DEPTH
 from .names import check_disk_name, check_name, check_snapshot_name
 
 FORMAT = "snapfs-vm"
+CONSISTENCIES = ("offline", "crash", "frozen")
 VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -42,10 +49,12 @@ class Snapshot:
     description: str
     created: str
     volumes: dict
+    consistency: str = "offline"
 
     def to_json(self):
         return {"id": self.id, "name": self.name, "description": self.description,
-                "created": self.created, "volumes": dict(self.volumes)}
+                "created": self.created, "volumes": dict(self.volumes),
+                "consistency": self.consistency}
 
 
 @dataclass
@@ -143,7 +152,8 @@ class Manifest:
             for s in data["snapshots"]:
                 snapshots.append(Snapshot(str(uuid.UUID(s["id"])), check_snapshot_name(s["name"]),
                                           str(s.get("description", "")), str(s["created"]),
-                                          _check_disk_map(s["volumes"], disks, volumes)))
+                                          _check_disk_map(s["volumes"], disks, volumes),
+                                          _check_consistency(s.get("consistency", "offline"))))
             if len({s.name for s in snapshots}) != len(snapshots):
                 raise ValueError("duplicate snapshot names")
             m = cls(name=check_name(data["name"], "VM name"), id=str(uuid.UUID(data["id"])),
@@ -164,6 +174,12 @@ class Manifest:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"{path}: invalid manifest: {e}") from None
         return m
+
+
+def _check_consistency(value):
+    if value not in CONSISTENCIES:
+        raise ValueError(f"unknown snapshot consistency {value!r}")
+    return value
 
 
 def _check_disk_map(mapping, disks, volumes):

@@ -1,0 +1,99 @@
+"""A store's VM running in a real QEMU (CPUs stopped, TCG) for the tests of
+live operations: guest writes go through QEMU's own qemu-io on the guest
+device (HMP), and a byte model of each disk says what every view must
+hold."""
+
+import contextlib
+import json
+from pathlib import Path
+
+from snapfs.qemu.args import disk_id
+from snapfs.qemu.qmp import QmpSession
+from tests.support.mounting import snapfs
+from tests.support.qemu import check, info_chain, is_clean, to_raw
+from tests.support.qemu_vm import qemu_running
+
+
+class LiveVm:
+    """VM ``name`` of ``store``; ``model[disk]`` is what the guest wrote."""
+
+    def __init__(self, store, name, tmp, sizes):
+        self.store, self.name, self.tmp = Path(store), name, Path(tmp)
+        self.qmp = self.tmp / f"{name}.qmp"
+        self.agent = self.tmp / f"{name}.qga"
+        self.model = {disk: bytearray(size) for disk, size in sizes.items()}
+        self.proc = None
+
+    @property
+    def dir(self):
+        return self.store / "vms" / self.name
+
+    def manifest(self):
+        return json.loads((self.dir / "manifest.json").read_text())
+
+    @contextlib.contextmanager
+    def running(self, agent=False):
+        """QEMU started with ``vm qemu-args`` (and an agent channel no agent
+        answers on: nothing boots), attached; stopped by PID on exit."""
+        extra = ["--guest-agent", self.agent] if agent else []
+        args = snapfs("vm", "qemu-args", self.store, self.name, "--qmp", self.qmp,
+                      *extra).stdout.splitlines()
+        with qemu_running(args, self.qmp, self.tmp / f"{self.name}.qemu.log") as proc:
+            self.proc = proc
+            snapfs("vm", "attach", self.store, self.name, "--qmp", self.qmp, *extra)
+            try:
+                yield proc
+            finally:
+                self.proc = None
+
+    def hmp(self, command):
+        with QmpSession(self.qmp) as q:
+            return q.execute("human-monitor-command", {"command-line": command})
+
+    def io(self, disk, command):
+        # Its output is not reliable (QEMU 7.2 loses it once another QMP
+        # client has come and gone): the views checked later are the proof.
+        self.hmp(f'qemu-io -d /machine/peripheral/{disk_id(disk)}/virtio-backend "{command}"')
+
+    def write(self, disk, pattern, offset, length, flush=False):
+        """The guest writes ``pattern`` at ``offset``; with ``flush``, it
+        also flushes (QEMU writes its qcow2 metadata out)."""
+        self.io(disk, f"write -P {pattern:#x} {offset} {length}")
+        self.model[disk][offset:offset + length] = bytes([pattern]) * length
+        if flush:
+            self.io(disk, "flush")
+
+    def snapshot_model(self):
+        return {disk: bytes(data) for disk, data in self.model.items()}
+
+    def tops(self):
+        """{disk: the file QEMU's device of that disk writes}."""
+        with QmpSession(self.qmp) as q:
+            devices = {d["qdev"]: d["inserted"] for d in q.execute("query-block")}
+        out = {}
+        for disk in self.model:
+            node = devices[f"/machine/peripheral/{disk_id(disk)}/virtio-backend"]
+            out[disk] = node["file"] if not node["file"].startswith("json:") else \
+                json.loads(node["file"][5:])["file"]["filename"]
+        return out
+
+    # -- oracles (after QEMU quit, or its image locks refuse) ---------------
+
+    def view(self, vid):
+        m = self.manifest()
+        return to_raw(self.dir / vid, fmt=m["volumes"][vid]["format"])
+
+    def check_volumes(self):
+        """Every volume qemu-img-clean, every backing name bare, no file the
+        manifest doesn't name."""
+        m = self.manifest()
+        for vid, vol in m["volumes"].items():
+            if vol["format"] == "qcow2":
+                report = check(self.dir / vid)
+                assert is_clean(report), (vid, report)
+        for vid in m["active"].values():
+            for image in info_chain(self.dir / vid):
+                backing = image.get("backing-filename")
+                assert backing is None or "/" not in backing, image
+        files = {p.name for p in self.dir.iterdir() if p.name != "manifest.json"}
+        assert files == set(m["volumes"]), files ^ set(m["volumes"])
