@@ -195,6 +195,7 @@ def frozen_guest(agent_path, max_freeze=MAX_FREEZE, timeout=None):
     if not agent_path:
         state.reason = "no guest agent is attached"
         yield state
+        log.warning("the snapshot is crash-consistent: %s", state.reason)
         return
     agent = GuestAgent(agent_path, timeout)
     timer = None

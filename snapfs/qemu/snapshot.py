@@ -72,9 +72,12 @@ def remove_overlays(qmp, vids):
     have come before or after each)."""
     present = {n["node-name"] for n in qmp.execute("query-named-block-nodes")}
     for vid in vids:
+        # The file node was defined inside the qcow2 node's blockdev-add:
+        # it goes with it.
         for node in node_names(vid):
             if node in present:
                 qmp.execute("blockdev-del", {"node-name": node})
+                break
 
 
 def switch(qmp, tops, new):
