@@ -91,7 +91,8 @@ def test_snapshot_list_json(tmp_path, store, image):
     snapfs("vm", "add", store, "web", "--disk", f"sda={top}")
     snaps = json.loads(snapfs("snapshot", "list", store, "web", "--json").stdout)
     assert [s["name"] for s in snaps] == ["disk"]
-    assert set(snaps[0]) == {"id", "name", "description", "created", "volumes"}
+    assert set(snaps[0]) == {"id", "name", "description", "created", "volumes",
+                           "consistency"}
     assert "disk" in snapfs("snapshot", "list", store, "web").stdout
 
 
