@@ -25,14 +25,12 @@ unmount runs it first (Vfs.close).
 """
 
 import collections
-import os
 import threading
 from dataclasses import dataclass, field
 
 from ..errors import AlreadyExists, Busy, ChainTooDeep, NotFound
 from ..ops.finish import utc_now
 from ..ops.users import snapshot_use
-from ..qemu.attach import read_record
 from ..store.chain import MAX_CHAIN_DEPTH
 from ..store.inuse import held_by_qemu
 from ..store.names import check_snapshot_name
@@ -229,11 +227,12 @@ class Projection:
             self.depth = self._depth_before_preview
 
 
-def refuse_queued(job, projection, vm=None, volume_path=None):
+def refuse_queued(job, projection, vm=None, volume_path=None, attached=False):
     """Raise what ``job`` (create, delete or rename) would raise when it
     runs after the jobs of ``projection``: EINVAL, ENOENT, EEXIST, EBUSY
     (a preview open; with ``vm``, a view of the snapshot to delete open;
-    with ``volume_path(vid)``, QEMU holding a volume it changes), EMLINK.
+    with ``volume_path(vid)``, QEMU holding a volume it changes, unless the
+    job is a create of a VM ``attached`` to its QEMU: that runs live), EMLINK.
     What can only be known when it runs (ENOSPC, a view opened after
     this) is left to the operation itself."""
     p = projection
@@ -258,10 +257,10 @@ def refuse_queued(job, projection, vm=None, volume_path=None):
         if job.target != job.snapshot and job.target in p.names:
             raise AlreadyExists(f"a snapshot named {job.target!r} exists or is being created")
     if vm is not None:
-        _refuse_if_busy_now(job, vm, volume_path)
+        _refuse_if_busy_now(job, vm, volume_path, attached)
 
 
-def _refuse_if_busy_now(job, vm, volume_path):
+def _refuse_if_busy_now(job, vm, volume_path, attached):
     m = vm.manifest
     if job.op == "delete":
         snap = m.snapshot(job.snapshot)
@@ -270,15 +269,11 @@ def _refuse_if_busy_now(job, vm, volume_path):
                        f"(umount, losetup -d) and try again")
     if volume_path is None:
         return
-    if job.op == "create":
+    if job.op == "create" and attached:
         # A create of an attached VM runs live in its QEMU, which holds the
         # image locks; whether it is the QEMU of these volumes is verified
-        # when the create runs.  The store is three levels above a volume
-        # (STORE/vms/VM/UUID).
-        leaf = volume_path(next(iter(m.active.values())))
-        store = os.path.dirname(os.path.dirname(os.path.dirname(leaf)))
-        if read_record(store, vm.name) is not None:
-            return
+        # when the create runs.
+        return
     for vid in _volumes_changed(job, m):
         if held_by_qemu(volume_path(vid)):
             raise Busy(f"volume {vid} of VM {vm.name} is in use by QEMU (it holds the image "

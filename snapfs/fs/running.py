@@ -10,6 +10,7 @@ import threading
 from ..errors import ReadOnly, SnapfsError
 from ..ops.finish import utc_now
 from ..ops.operations import VmOperations
+from ..qemu.attach import read_record
 from .queue import Job, Projection, refuse_queued
 from .uses import MountUsers
 
@@ -64,7 +65,8 @@ class OperationRunner:
 
         def check(jobs):
             refuse_queued(job, Projection(vm.manifest, jobs), vm,
-                          lambda vid: self.store.volume_path(vm.name, vid))
+                          lambda vid: self.store.volume_path(vm.name, vid),
+                          attached=read_record(self.store.path, vm.name) is not None)
 
         try:
             idle = vm.queue.offer(job, check)
