@@ -42,6 +42,15 @@ def no_leftover_mounts(tmp_path_factory):
 
 
 @pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """Attach records of running VMs (snapfs/qemu/attach.py) under
+    tmp_path, never /run; the CLI and the mount inherit it."""
+    path = tmp_path / "run"
+    monkeypatch.setenv("SNAPFS_RUN_DIR", str(path))
+    return path
+
+
+@pytest.fixture
 def store(tmp_path):
     path = tmp_path / "store"
     snapfs("init", path)

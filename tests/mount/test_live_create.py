@@ -28,13 +28,6 @@ K64 = 64 * 1024
 
 
 @pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    path = tmp_path / "run"
-    monkeypatch.setenv("SNAPFS_RUN_DIR", str(path))
-    return path
-
-
-@pytest.fixture
 def vm(tmp_path, store, run_dir):
     snapfs("vm", "add", store, "web", "--disk", "sda=4M", "--disk", "data=2M")
     return LiveVm(store, "web", tmp_path, SIZES)

@@ -22,14 +22,6 @@ RUNNING = ("VM web runs in QEMU (attached): live merges (deleting a snapshot) ar
 
 
 @pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    """Attach records under tmp_path; the CLI and the mount inherit it."""
-    path = tmp_path / "run"
-    monkeypatch.setenv("SNAPFS_RUN_DIR", str(path))
-    return path
-
-
-@pytest.fixture
 def vm_store(tmp_path, store, run_dir):
     """web: sda imported as monday <- now, and "data disk" (an id QEMU
     would refuse as it is), with a snapshot monday."""
