@@ -73,6 +73,8 @@ class Handle:
     # A snapshot view opened for writing: its private throwaway overlay
     # (fs/overlays.py), which its reads and writes go through.
     overlay: object = None
+    # An active view: its ActiveSlot, told when the file is released.
+    active: object = None
 
 
 @dataclass

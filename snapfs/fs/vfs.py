@@ -28,10 +28,11 @@ import os
 import time
 
 from ..errors import (
-    CrossDevice, InvalidArgument, NameTooLong, NotFound, NotPermitted, PermissionDenied,
+    Busy, CrossDevice, InvalidArgument, NameTooLong, NotFound, NotPermitted, PermissionDenied,
     ReadOnly, SnapfsError,
 )
 from ..ops.users import is_active_write, snapshot_use
+from ..store.inuse import held_by_qemu
 from ..store.names import MAX_NAME_BYTES
 from ..store.scratch import default_scratch_dir
 from ..store.volume import VolumePool
@@ -122,10 +123,21 @@ class Vfs(OperationRunner, Tree):
         if isinstance(disk, DiskView):
             disk.chain()
         elif isinstance(disk, ActiveSlot):
+            leaf = disk.disk.refs[-1].path
+            if held_by_qemu(leaf):
+                # QEMU owns the leaf while it runs; a second writer would
+                # corrupt it, and a reader would see tables QEMU has not
+                # written back (issue: running VMs).
+                raise Busy(f"VM {node.vm.name} runs in QEMU, which has the active volume "
+                           f"{os.path.basename(leaf)} open; stop the VM first (snapshot views "
+                           f"stay readable)")
             disk.check()
         elif writable:
             raise ReadOnly(f"{node.name} is read-only")
         handle = Handle(node)
+        if isinstance(disk, ActiveSlot):
+            disk.opened()
+            handle.active = disk
         if writable and isinstance(disk, DiskView):
             # A snapshot never changes: this open writes to its own
             # throwaway overlay (fs/overlays.py).
@@ -240,7 +252,7 @@ class Vfs(OperationRunner, Tree):
 
     def needs_release(self, handle):
         """Whether ``release`` has work (for a worker thread)."""
-        return handle.wrote or handle.overlay is not None
+        return handle.wrote or handle.overlay is not None or handle.active is not None
 
     def release(self, handle):
         """After writes to a whole active disk, its partition table may have
@@ -249,6 +261,8 @@ class Vfs(OperationRunner, Tree):
         node = handle.node
         if handle.overlay is not None:
             handle.overlay.close()
+        if handle.active is not None:
+            handle.active.released()
         if handle.wrote and isinstance(node.view, ActiveSlot):
             with self._lock:
                 self._refresh_partitions(node)

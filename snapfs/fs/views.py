@@ -116,6 +116,30 @@ class ActiveSlot:
     def __init__(self, disk):
         self.disk = disk
         self.lock = threading.RLock()
+        self._opens = 0            # open files of the disk and its partitions
+        self._opens_lock = threading.Lock()
+
+    def opened(self):
+        with self._opens_lock:
+            self._opens += 1
+
+    def released(self):
+        """An open file of the disk was released.  The last one closes the
+        disk's writer: QEMU may write the leaf before the next open (the
+        VM started and stopped meanwhile), and a writer's cached tables
+        would then be stale.  The next open reads them afresh."""
+        with self._opens_lock:
+            self._opens -= 1
+            if self._opens:
+                return
+        # Not while an operation holds the disk (a merge may take minutes):
+        # it switches or keeps the leaf itself, and this writer with it.
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.disk.close_writer()
+        finally:
+            self.lock.release()
 
     @property
     def size(self):
@@ -223,6 +247,19 @@ class ActiveDisk:
             writer = self._writer
         if writer is not None:
             writer.flush()
+
+    def close_writer(self):
+        """Flush and close the writer; the next read or write opens a new
+        one, which reads the leaf's tables as they are then."""
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                if self._retired is None:
+                    self._retired, self._writer = self._writer, None
+                idle = self._readers == 0
+            if idle:
+                self._close_retired()
 
     def retire(self, reason="the active disk was replaced by an operation"):
         """Flush, close and let go: an operation replaced this leaf or its

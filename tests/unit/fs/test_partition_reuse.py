@@ -95,7 +95,10 @@ def test_listing_active_opens_no_writer(vfs):
 def test_active_table_follows_unflushed_writes(vfs, tmp_path):
     """Through an open writer the table is read from it: its L2 updates are
     not in the leaf's file until a flush."""
-    handle = vfs.open(path(vfs, "web", "active", "sda.raw").inode, writable=True)
+    inode = path(vfs, "web", "active", "sda.raw").inode
+    # Another open keeps the writer open (the last release closes it).
+    keep = vfs.open(inode, writable=False)
+    handle = vfs.open(inode, writable=True)
     sector0 = mbr(tmp_path / "one-again.raw", ONE_PARTITION).read_bytes()[:512]
     vfs.write(handle, 0, sector0)
     vfs.release(handle)
@@ -103,3 +106,6 @@ def test_active_table_follows_unflushed_writes(vfs, tmp_path):
     assert [n for n, _, _ in shown_parts(vfs, "active")] == ["sda-part1.raw"]
     # The snapshots below keep theirs.
     assert len(shown_parts(vfs, "snapshots", "wednesday")) == 2
+    vfs.release(keep)
+    assert not path(vfs, "web", "active", "sda.raw").view.disk.writer_open
+    assert [n for n, _, _ in shown_parts(vfs, "active")] == ["sda-part1.raw"]
