@@ -22,9 +22,10 @@ import stat
 import uuid
 from contextlib import contextmanager
 
-from ..errors import NotFound, StoreError, StoreLocked
+from ..errors import Busy, NotFound, StoreError, StoreLocked
 from . import manifest as M
 from .chain import VolumeRef
+from .inuse import held_by_qemu
 from .names import check_name
 
 MARKER = "snapfs-store.json"
@@ -251,6 +252,12 @@ class Store:
         directory = self.vm_dir(name)
         if not self.has_vm(name):
             raise NotFound(f"no VM named {name!r} in {self.path}")
+        # Deleting the files of a running VM would leave QEMU writing
+        # into unlinked files, and the guest's disks lost at its exit.
+        for entry in sorted(os.listdir(directory)):
+            if held_by_qemu(os.path.join(directory, entry)):
+                raise Busy(f"VM {name} is in use by QEMU (volume {entry} holds its image "
+                           f"lock); stop the VM first")
         trash = os.path.join(self.vms_dir, f".removed-{uuid.uuid4()}")
         os.rename(directory, trash)
         M.fsync_dir(self.vms_dir)

@@ -1,7 +1,7 @@
 """The active views of a VM whose QEMU runs (issue 12, section 4): QEMU
 owns the leaf, so opening them is EBUSY while it runs; once it exits they
 serve the leaf as QEMU left it, and writes through them land beside
-QEMU's clusters, not over them."""
+QEMU's clusters, not over them.  ``vm remove`` of a running VM is refused."""
 
 import errno
 import os
@@ -45,3 +45,15 @@ def test_active_views_are_busy_while_qemu_runs_and_fresh_after(tmp_path, store, 
     m = vm.manifest()
     assert vm.view(m["active"]["sda"]) == bytes(vm.model["sda"])
     vm.check_volumes()
+
+
+def test_vm_remove_is_refused_while_qemu_runs(tmp_path, store, run_dir):
+    snapfs("vm", "add", store, "web", "--disk", "sda=4M", "--disk", "data=2M")
+    vm = LiveVm(store, "web", tmp_path, SIZES)
+    with vm.running():
+        r = snapfs("vm", "remove", store, "web", check=False)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "in use by QEMU" in r.stderr and "stop the VM first" in r.stderr
+        assert (store / "vms" / "web" / "manifest.json").exists()
+    snapfs("vm", "remove", store, "web")
+    assert not (store / "vms" / "web").exists()
