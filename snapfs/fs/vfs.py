@@ -135,17 +135,23 @@ class Vfs(OperationRunner, Tree):
         elif writable:
             raise ReadOnly(f"{node.name} is read-only")
         handle = Handle(node)
-        if isinstance(disk, ActiveSlot):
-            disk.opened()
-            handle.active = disk
-        if writable and isinstance(disk, DiskView):
-            # A snapshot never changes: this open writes to its own
-            # throwaway overlay (fs/overlays.py).
-            handle.overlay = self.scratch.open(node.view, self._label(node), owner=node.vm)
         owner = node.owner
         if owner is not None and (writable or not is_active_write(owner)):
             open_use(node.vm, owner)
             handle.use = owner
+        if writable and isinstance(disk, DiskView):
+            # A snapshot never changes: this open writes to its own
+            # throwaway overlay (fs/overlays.py).
+            try:
+                handle.overlay = self.scratch.open(node.view, self._label(node), owner=node.vm)
+            except BaseException:
+                self.closed(handle)
+                raise
+        if isinstance(disk, ActiveSlot):
+            # Counted last: nothing after this can fail, so every count
+            # has its release (ActiveSlot.released).
+            disk.opened()
+            handle.active = disk
         return handle
 
     def closed(self, handle):
@@ -261,11 +267,12 @@ class Vfs(OperationRunner, Tree):
         node = handle.node
         if handle.overlay is not None:
             handle.overlay.close()
-        if handle.active is not None:
-            handle.active.released()
         if handle.wrote and isinstance(node.view, ActiveSlot):
             with self._lock:
                 self._refresh_partitions(node)
+        # Last: reading the partition table above would open a writer again.
+        if handle.active is not None:
+            handle.active.released()
     def fsync(self, handle):
         """Throwaway overlays need no sync: they are gone at release."""
         node = handle.node

@@ -181,7 +181,7 @@ class ActiveDisk:
         self._writer = None
         self._refusal = None
         self._readers = 0          # reads using the writer right now
-        self._retired = None       # the writer to close once they are done
+        self._retired = []         # writers to close once they are done
         self._lock = threading.Lock()
 
     @property
@@ -230,7 +230,7 @@ class ActiveDisk:
         finally:
             with self._lock:
                 self._readers -= 1
-                last = self._readers == 0 and self._retired is writer
+                last = self._readers == 0 and bool(self._retired)
             if last:
                 self._close_retired()
 
@@ -255,8 +255,7 @@ class ActiveDisk:
             self.flush()
         finally:
             with self._lock:
-                if self._retired is None:
-                    self._retired, self._writer = self._writer, None
+                self._let_go_of_writer()
                 idle = self._readers == 0
             if idle:
                 self._close_retired()
@@ -269,17 +268,29 @@ class ActiveDisk:
             self.flush()
         finally:
             with self._lock:
-                self._retired, self._writer = self._writer, None
+                self._let_go_of_writer()
                 self._refusal = ReadOnly(reason)
                 idle = self._readers == 0
             if idle:
                 self._close_retired()
 
+    def _let_go_of_writer(self):
+        # Under _lock.  A list: a writer let go by close_writer may still
+        # wait for a read when an operation retires the next one.
+        if self._writer is not None:
+            self._retired.append(self._writer)
+            self._writer = None
+
     def _close_retired(self):
         with self._lock:
-            writer, self._retired = self._retired, None
-        if writer is not None:
+            writers, self._retired = self._retired, []
+        for writer in writers:
             try:
                 writer.close()
             except (SnapfsError, OSError) as e:
                 log.error("closing %s failed: %s", writer.path, e)
+        if self._refusal is not None and self.below is not None:
+            # Retired for good: no writer will read the chain beneath
+            # again, and its files (a merge may delete them) close now,
+            # not when the garbage collector finds this disk.
+            self.below.release()
