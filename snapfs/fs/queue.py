@@ -232,7 +232,8 @@ def refuse_queued(job, projection, vm=None, volume_path=None, attached=False):
     runs after the jobs of ``projection``: EINVAL, ENOENT, EEXIST, EBUSY
     (a preview open; with ``vm``, a view of the snapshot to delete open;
     with ``volume_path(vid)``, QEMU holding a volume it changes, unless the
-    job is a create of a VM ``attached`` to its QEMU: that runs live), EMLINK.
+    job is a create or delete of a VM ``attached`` to its QEMU: those run
+    live), EMLINK.
     What can only be known when it runs (ENOSPC, a view opened after
     this) is left to the operation itself."""
     p = projection
@@ -269,10 +270,10 @@ def _refuse_if_busy_now(job, vm, volume_path, attached):
                        f"(umount, losetup -d) and try again")
     if volume_path is None:
         return
-    if job.op == "create" and attached:
-        # A create of an attached VM runs live in its QEMU, which holds the
-        # image locks; whether it is the QEMU of these volumes is verified
-        # when the create runs.
+    if job.op in ("create", "delete") and attached:
+        # A create or delete of an attached VM runs live in its QEMU (a live
+        # snapshot, a live merge), which holds the image locks; whether it
+        # is the QEMU of these volumes is verified when the job runs.
         return
     for vid in _volumes_changed(job, m):
         if held_by_qemu(volume_path(vid)):

@@ -18,8 +18,10 @@ EBUSY a preview is open or QEMU holds a volume, ENOSPC not enough space.
 
 A VM attached to a QEMU that is running (snapfs/qemu/live.py) is checked
 first: its QEMU must run the active leaves.  Then create runs live
-(``_create_live``); delete is refused for now (EBUSY), and preview, commit
-and undo stay refused, as in RHV.
+(``_create_live``) and delete merges inside QEMU (``finish_live_delete``,
+ops/finish.py and snapfs/qemu/merge.py: block-commit or block-stream, each
+job step recorded in the intent before it is taken); preview, commit and
+undo stay refused, as in RHV.
 
 Live create, in this order (each step a crash point):
 
@@ -45,6 +47,7 @@ from ..errors import AlreadyExists, Busy, ChainTooDeep, InvalidArgument, NotFoun
 from ..qcow2.create import create_image
 from ..qemu.agent import frozen_guest
 from ..qemu.live import running_qemu
+from ..qemu.merge import job_id
 from ..qemu.snapshot import add_overlays, device_tops, remove_overlays, switch, switched_disks
 from ..store.chain import MAX_CHAIN_DEPTH
 from ..store.faults import crashpoint
@@ -52,7 +55,7 @@ from ..store.inuse import held_by_qemu
 from ..store.manifest import Snapshot, fsync_dir
 from ..store.names import check_description, check_snapshot_name
 from ..store.volume import VolumePool, open_volume
-from .finish import finish_delete, finish_deletions, utc_now
+from .finish import finish_delete, finish_deletions, finish_live_delete, utc_now
 from .merge import check_space, plan_merge
 from .recovery import recover_vm, switch_to_live_overlays
 from .users import BEFORE_PREVIEW_USE, Users, active_write_use, snapshot_use
@@ -124,20 +127,22 @@ class VmOperations:
                 raise Busy(f"volume {vid} of VM {self.vm} is in use by QEMU "
                            f"(it holds the image lock); stop the VM first")
 
-    def _refuse_if_running(self, m, what=None):
+    def _refuse_if_running(self, m, what):
         """If the VM runs in an attached QEMU: verify that QEMU runs the
-        active leaves (else EBUSY naming the differences), then refuse.
-        ``what`` names an operation that needs the VM stopped for good
-        (preview, commit, undo); without it the operation (delete) will
-        run live in QEMU here, and is refused until it does."""
+        active leaves (else EBUSY naming the differences), then refuse
+        ``what``, an operation that needs the VM stopped (preview, commit,
+        undo), as RHV does."""
         with running_qemu(self.store, m) as qemu:
             if qemu is None:
                 return
-            if what:
-                raise Busy(f"VM {self.vm} runs in QEMU (attached): {what} needs it stopped, "
-                           f"as in RHV; stop the VM first")
-            raise Busy(f"VM {self.vm} runs in QEMU (attached): live merges (deleting a "
-                       f"snapshot) are not supported yet; stop the VM first")
+            raise Busy(f"VM {self.vm} runs in QEMU (attached): {what} needs it stopped, "
+                       f"as in RHV; stop the VM first")
+
+    def _runs_live(self, m):
+        """Does the VM run in an attached QEMU, verified to run its active
+        leaves (else EBUSY naming the differences)?"""
+        with running_qemu(self.store, m) as qemu:
+            return qemu is not None
 
     def _snapshot(self, m, name):
         snap = m.snapshot(name)
@@ -353,14 +358,14 @@ class VmOperations:
         if m.preview:
             raise Busy(f"VM {self.vm} has a preview open; commit or undo it first")
         snap = self._snapshot(m, name)
-        self._refuse_if_running(m)
+        live = self._runs_live(m)
         pool = VolumePool()
         try:
             plans = [plan_merge(self.store, m, disk, snap.volumes[disk], pool) for disk in m.disks]
         finally:
             pool.close()
-        involved = [v for p in plans for v in (p.b, p.c, p.d) if v]
-        self._refuse_if_in_use(m, involved)
+        if not live:
+            self._refuse_if_in_use(m, [v for p in plans for v in (p.b, p.c, p.d) if v])
         check_space(self.store.vm_dir(self.vm), plans)
         # Its views would change under their readers (a commit-direction
         # merge writes the deleted snapshot's own volume): refuse, as ZFS
@@ -369,6 +374,10 @@ class VmOperations:
         m.snapshots.remove(snap)
         m.operation = {"op": "delete", "phase": "merge", "snapshot": snap.to_json(),
                        "disks": {p.disk: p.to_json() for p in plans}}
+        if live:
+            # QEMU merges; each disk's job and the last step it reached.
+            m.operation["live"] = {p.disk: {"job": job_id(snap.id, m.disks.index(p.disk)),
+                                            "step": "planned"} for p in plans}
         self._save(m)
         crashpoint("delete:recorded")
         return m, plans
@@ -376,6 +385,9 @@ class VmOperations:
     def finish_delete(self, started):
         """Steps 2-5: move the data, relink, switch the manifest, clean up."""
         m, plans = started
+        if m.operation.get("live"):
+            return finish_live_delete(self.store, m, plans, self.progress, self._save,
+                                      self.users)
         return finish_delete(self.store, m, plans, self.progress, self._save, self.users)
 
 

@@ -13,7 +13,8 @@ from ..qemu.snapshot import overlays_written, remove_overlays, switched_disks
 from ..store.manifest import Snapshot
 from ..store.scratch import default_scratch_dir, remove_leftover_overlays
 from ..store.volume import VolumePool
-from .finish import finish_delete, finish_deletions, utc_now
+from .finish import (finish_delete, finish_deletions, finish_live_delete, live_cleanup,
+                     live_session, utc_now)
 from .merge import plan_merge
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,25 @@ def recover_vm(store, m, save=None, users=None):
             pool.close()
         for plan in plans:
             plan.bytes = op["disks"][plan.disk]["bytes"]
+        if op.get("live"):
+            # QEMU's job list decides (ops/finish.py): a job still running
+            # is followed to its end, a concluded one finished, a missing
+            # one started again unless QEMU's graph already switched; with
+            # QEMU gone, the delete finishes offline.
+            finish_live_delete(store, m, plans, save=save, users=users)
+            return f"{m.name}: finished an interrupted live delete of {op['snapshot']['name']}"
         finish_delete(store, m, plans, save=save, users=users)
         return f"{m.name}: finished an interrupted delete of {op['snapshot']['name']}"
+    if kind == "delete" and op.get("live"):
+        # Merged and switched; the merged-away files go once QEMU closed them.
+        qmp = live_session(store, m)
+        try:
+            if not live_cleanup(store, m, qmp, save):
+                raise QemuError(f"{m.name}: QEMU still has a merged-away volume open")
+        finally:
+            if qmp is not None:
+                qmp.close()
+        return f"{m.name}: finished an interrupted live delete"
     finish_deletions(store, m, save)
     return f"{m.name}: finished an interrupted {kind}"
 
@@ -164,7 +182,8 @@ def recover(store, scratch_dirs=()):
         try:
             line = recover_vm(store, m)
         except QemuError as e:
-            # A live create whose QEMU doesn't answer now: decided later,
+            # A live create or delete whose QEMU doesn't answer now (or
+            # whose merge failed in QEMU): decided later,
             # by the first operation on the VM; the rest of the store opens.
             line = f"{name}: recovery deferred: {e}"
         if line:
