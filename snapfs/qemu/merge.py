@@ -82,6 +82,19 @@ def open_paths(qmp):
             qmp.execute("query-named-block-nodes", {"flat": True})}
 
 
+def chain_paths(qmp):
+    """Real paths of every image in the chains of QEMU's devices: what the
+    guest reads.  A merged-away volume leaves them when QEMU's graph
+    switches, though a node the monitor owns stays open until deleted."""
+    paths = set()
+    for dev in qmp.execute("query-block"):
+        image = (dev.get("inserted") or {}).get("image")
+        while image:
+            paths.add(_plain(image.get("filename")))
+            image = image.get("backing-image")
+    return paths
+
+
 def release(qmp, paths):
     """``blockdev-del`` the nodes on ``paths`` that the monitor owns: the
     ones ``-blockdev`` or a live create's ``blockdev-add`` made stay open
@@ -117,7 +130,7 @@ class LiveMerge:
         return self.paths["c"] if self.direction == "commit" else self.paths["b"]
 
     def done_in_qemu(self, qmp):
-        return self.removed not in open_paths(qmp)
+        return self.removed not in chain_paths(qmp)
 
     def start(self, qmp):
         nodes = format_nodes(qmp)
