@@ -17,8 +17,8 @@ from tests.support.qemu_vm import qemu_running
 
 pytestmark = pytest.mark.mount
 
-RUNNING = ("VM web runs in QEMU (attached): live merges (deleting a snapshot) are not supported "
-           "yet; stop the VM first")
+PREVIEW_REFUSED = ("VM web runs in QEMU (attached): previewing a snapshot needs it stopped, as "
+                   "in RHV; stop the VM first")
 
 
 @pytest.fixture
@@ -81,8 +81,12 @@ def test_attach_refuse_while_running_then_offline(tmp_path, vm_store):
         assert "QEMU runs its active volumes" in r.stdout
         assert attached(store)["qmp"] == str(sock)
         assert attached(store)["guest_agent"] is None
-        assert refused(store, "delete", store, "web", "monday") == f"snapfs: error: {RUNNING}"
-        assert "stop the VM first" in refused(store, "preview", store, "web", "monday")
+        assert refused(store, "preview", store, "web", "monday") == \
+            f"snapfs: error: {PREVIEW_REFUSED}"
+        # A delete runs live, inside QEMU (tests/mount/test_live_merge.py).
+        snapfs("snapshot", "create", store, "web", "tuesday")
+        snapfs("snapshot", "delete", store, "web", "tuesday")
+        assert manifest(store)["last_operation"]["live"] is True
         snapfs("snapshot", "rename", store, "web", "monday", "mon")   # metadata only
         snapfs("snapshot", "rename", store, "web", "mon", "monday")
     # QEMU is gone; still attached, the VM is offline and operations work.
@@ -138,11 +142,12 @@ def test_through_a_mount(tmp_path, vm_store):
         # Attached while mounted: the mount reads the record per operation.
         snapfs("vm", "attach", store, "web", "--qmp", sock)
         with qemu_running(qemu_args(store, sock), sock, tmp_path / "qemu.log"):
-            expect_errno(errno.EBUSY, control, vm, "delete", "monday")
-            status = json.loads((vm / "control" / "status").read_text())
-            assert status["last_error"]["error"] == RUNNING
             expect_errno(errno.EBUSY, control, vm, "preview", "monday")
+            status = json.loads((vm / "control" / "status").read_text())
+            assert status["last_error"]["error"] == PREVIEW_REFUSED
+            control(vm, "delete", "monday")          # live, inside QEMU
+            assert manifest(store)["last_operation"]["live"] is True
         touch(vm / "snapshots" / "x")
         assert (vm / "snapshots" / "x" / "snapshot.json").exists()
-        control(vm, "delete", "monday")
+        control(vm, "delete", "x")
         snapfs("vm", "detach", store, "web")
