@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from ..errors import QemuError, QemuNotRunning
 from ..qcow2.create import set_backing
 from ..qemu.attach import read_record
-from ..qemu.merge import LiveMerge, drive, open_paths, release
+from ..qemu.merge import LiveMerge, drive, jobs, open_paths, release
 from ..qemu.qmp import QmpSession
 from ..store.faults import crashpoint
 from ..store.manifest import fsync_dir
@@ -198,6 +198,11 @@ def finish_live_delete(store, m, plans, progress=None, save=None, users=None):
 def _drive_all(store, m, plans, qmp, progress, save):
     total = sum(p.bytes for p in plans) or 1
     done_before = 0
+    # Jobs QEMU has (after a crash) are taken to their end before anything
+    # else is asked: QEMU 7.2 segfaults on query-named-block-nodes while a
+    # stream job it finalized is not dismissed yet.
+    present = jobs(qmp)
+    plans = sorted(plans, key=lambda p: m.operation["live"][p.disk]["job"] not in present)
     for plan in plans:
         state = m.operation["live"][plan.disk]
 

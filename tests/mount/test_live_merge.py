@@ -143,11 +143,14 @@ def test_live_deletes_from_the_cli_and_the_mount(tmp_path, vm):
 
 # -- crashes ----------------------------------------------------------------------
 
-# The crash points of a live delete of the newest snapshot (an active
-# commit of each of the two disks), in order.
-POINTS = ["delete:recorded"] + ["delete:started", "delete:ready", "delete:completing",
-                                "delete:concluded", "delete:finalized"] * 2 + \
-         ["delete:switched", "delete:unlinked", "delete:unlinked"]
+# The crash points of a live delete of the newest snapshot, in order: an
+# active commit of each of the two disks, or a stream into each leaf.
+JOB_STEPS = {"commit": ["delete:started", "delete:ready", "delete:completing",
+                        "delete:concluded", "delete:finalized"],
+             "stream": ["delete:started", "delete:concluded", "delete:finalized"]}
+POINTS = {d: ["delete:recorded"] + steps * 2 + ["delete:switched", "delete:unlinked",
+                                                "delete:unlinked"]
+          for d, steps in JOB_STEPS.items()}
 
 
 def cli(vm, *args, env=None):
@@ -166,14 +169,16 @@ def test_crash_points_of_a_live_delete(tmp_path, vm):
         r = cli(vm, "snapshot", "delete", vm.store, "web", "a",
                 env={"SNAPFS_CRASH_TRACE": str(trace)})
         assert r.returncode == 0, r.stderr
-        assert [line.split(" ", 1)[1] for line in trace.read_text().splitlines()] == POINTS
+        assert [line.split(" ", 1)[1] for line in trace.read_text().splitlines()] == \
+            POINTS["commit"]
     vm.check_volumes()
 
 
+@pytest.mark.parametrize("direction", ["commit", "stream"])
 @pytest.mark.parametrize("qemu_gone", [False, True], ids=["qemu-runs", "qemu-gone"])
-def test_kill_at_each_step_then_recover(tmp_path, vm, qemu_gone):
-    """Each round: snapshot x of the running VM, a write, ``snapshot delete
-    x`` killed at its n-th point, then ``snapfs check`` with QEMU running
+def test_kill_at_each_step_then_recover(tmp_path, vm, qemu_gone, direction):
+    """Each round: snapshot x of the running VM, a write (larger than x's
+    layer for a stream, smaller for a commit), ``snapshot delete x`` killed at its n-th point, then ``snapfs check`` with QEMU running
     or killed.  The delete always rolls forward; the remaining views and
     the leaf read as before; QEMU writes the manifest's leaves; no orphan
     file; qemu-img clean."""
@@ -181,11 +186,14 @@ def test_kill_at_each_step_then_recover(tmp_path, vm, qemu_gone):
     with vm.running():
         write_both(vm, 0x10, 0, 4 * K64)
         take(vm, "keep", expected)
-    for n, point in enumerate(POINTS, 1):
+    for n, point in enumerate(POINTS[direction], 1):
         with vm.running() as proc:
-            write_both(vm, 0x20 + n, n * K64, K64)
+            write_both(vm, 0x20 + n, n * K64, 2 * K64)
             snapfs("snapshot", "create", vm.store, "web", "x")
-            write_both(vm, 0x40 + n, (n + 1) * K64, K64)
+            if direction == "stream":     # over all x holds (what earlier rounds left too)
+                write_both(vm, 0x40 + n, 0, (n + 3) * K64)
+            else:
+                write_both(vm, 0x40 + n, (n + 1) * K64, K64)
             r = cli(vm, "snapshot", "delete", vm.store, "web", "x",
                     env={"SNAPFS_CRASH_AT": str(n)})
             assert r.returncode == -signal.SIGKILL, (point, r)
@@ -213,4 +221,5 @@ def test_kill_at_each_step_then_recover(tmp_path, vm, qemu_gone):
         m = vm.manifest()
         assert m["operation"] is None, point
         assert set(snapshots(vm)) == {"keep"}, point
+        assert {x["direction"] for x in m["last_operation"]["disks"].values()} == {direction}
         check_stopped(vm, expected)
