@@ -23,6 +23,13 @@ Schema (version 1)::
                            # an operation in progress, for recovery (ops/recovery.py);
                            # a live create: {"op": "create", "new": {disk: UUID},
                            #   "live": "prepare" | "switch", "snapshot": {...}}
+                           # a delete: {"op": "delete", "phase": "merge", "snapshot": {...},
+                           #   "disks": {disk: plan}}; of a running VM (a live merge) also
+                           #   "live": {disk: {"job": QEMU job id, "step": "planned" |
+                           #   "started" | "ready" | "completing" | "concluded" |
+                           #   "finalized"}}, the last step recorded before it was taken;
+                           #   then {"op": "delete", "phase": "cleanup", "delete": [UUID],
+                           #   "live": true} until QEMU has closed those files
      "last_operation": null | {...}}
                            # what the last finished operation did (merge direction, bytes)
 """
