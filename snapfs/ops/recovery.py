@@ -41,9 +41,8 @@ def recover_vm(store, m, save=None, users=None):
         # direction (the copy lists shrink by what already moved) and finish.
         pool = VolumePool()
         try:
-            plans = [plan_merge(store, m, disk, op["disks"][disk]["b"], pool,
-                                direction=op["disks"][disk]["direction"])
-                     for disk in m.disks if disk in op["disks"]]
+            plans = [plan_merge(store, m, disk, p["b"], pool, direction=p["direction"])
+                     for disk, p in op["disks"].items()]
         finally:
             pool.close()
         for plan in plans:
