@@ -75,7 +75,7 @@ def build_parser():
         epilog="Run 'snapfs COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
     p.add_argument("--debug", action="store_true", help="verbose logging and tracebacks")
-    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND", prog="snapfs")
 
     c = sub.add_parser("init", help="create an empty store")
     c.add_argument("store")
@@ -111,8 +111,10 @@ def build_parser():
                       description="Record, on this host, how to reach the QEMU that runs VM: "
                       "its QMP socket and optionally its guest agent's.  If QEMU answers, it "
                       "must run the VM's active volumes.  Operations then check it first; while "
-                      "it runs they are refused (EBUSY).  Works whether or not the store is "
-                      "mounted: a mount reads the record before each operation.")
+                      "it runs, snapshots are created and deleted inside it (live snapshot, live "
+                      "merge) and preview, commit and undo are refused (EBUSY).  Works whether "
+                      "or not the store is mounted: a mount reads the record before each "
+                      "operation.")
     c.add_argument("store")
     c.add_argument("vm")
     c.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP UNIX socket")
