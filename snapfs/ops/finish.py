@@ -9,11 +9,10 @@ import os
 import time
 from datetime import datetime, timezone
 
-from ..errors import QemuError, QemuNotRunning
+from ..errors import QemuError
 from ..qcow2.create import set_backing
-from ..qemu.attach import read_record
+from ..qemu.live import live_session
 from ..qemu.merge import LiveMerge, drive, jobs, open_paths, release
-from ..qemu.qmp import QmpSession
 from ..store.faults import crashpoint
 from ..store.manifest import fsync_dir
 from ..store.volume import VolumePool
@@ -142,21 +141,6 @@ def _replace_volume(m, old, new):
 # sync and keeps the source drained until the pivot, which writes to B only).
 _IN_B = ("concluded", "finalized")
 CLOSE_WAIT = 2.0     # seconds QEMU gets to close a merged-away volume
-
-
-def live_session(store, m):
-    """An open QmpSession to the VM's attached QEMU, unverified (mid-merge,
-    its devices may already sit on the merged volumes), or None if QEMU is
-    gone or the VM detached.  Raises QemuTimeout, QemuError."""
-    record = read_record(store.path, m.name)
-    if record is None:
-        return None
-    qmp = QmpSession(record["qmp"])
-    try:
-        qmp.open()
-    except QemuNotRunning:
-        return None
-    return qmp
 
 
 def finish_live_delete(store, m, plans, progress=None, save=None, users=None):

@@ -5,16 +5,15 @@ manifest (ops/operations.py says which way each one goes)."""
 
 import logging
 
-from ..errors import QemuError, QemuNotRunning
+from ..errors import QemuError
 from ..qemu.agent import AgentError, GuestAgent
 from ..qemu.attach import read_record
-from ..qemu.qmp import QmpSession
+from ..qemu.live import connect, live_session
 from ..qemu.snapshot import overlays_written, remove_overlays, switched_disks
 from ..store.manifest import Snapshot
 from ..store.scratch import default_scratch_dir, remove_leftover_overlays
 from ..store.volume import VolumePool
-from .finish import (finish_delete, finish_deletions, finish_live_delete, live_cleanup,
-                     live_session, utc_now)
+from .finish import finish_delete, finish_deletions, finish_live_delete, live_cleanup, utc_now
 from .merge import plan_merge
 
 log = logging.getLogger(__name__)
@@ -113,11 +112,7 @@ def _recover_live_create(store, m, save):
     record = read_record(store.path, m.name)
     forward = None
     if record is not None:
-        qmp = QmpSession(record["qmp"])
-        try:
-            qmp.open()
-        except QemuNotRunning:
-            qmp = None
+        qmp = connect(record)
         if qmp is not None:
             try:
                 if op.get("live") == "switch":

@@ -15,6 +15,27 @@ from .qmp import QmpSession
 from .verify import check_runs_active
 
 
+def connect(record):
+    """An open, unverified ``QmpSession`` to the QEMU of attach record
+    ``record`` (its guest agent's socket, or None, as ``guest_agent``), or
+    None if that QEMU is not running.  Raises QemuTimeout, QemuError."""
+    session = QmpSession(record["qmp"])
+    session.guest_agent = record.get("guest_agent")
+    try:
+        session.open()
+    except QemuNotRunning:
+        return None
+    return session
+
+
+def live_session(store, m):
+    """``connect`` to the QEMU VM ``m`` is attached to, unverified (in
+    recovery, or mid-merge, its devices may already sit on other volumes),
+    or None if the VM is not attached or its QEMU is not running."""
+    record = read_record(store.path, m.name)
+    return None if record is None else connect(record)
+
+
 @contextlib.contextmanager
 def running_qemu(store, m):
     """A context that yields an open ``QmpSession`` to the QEMU that runs
@@ -24,15 +45,8 @@ def running_qemu(store, m):
     mount follows ``snapfs vm attach`` and ``detach`` without being told.
     Raises QemuMismatch (EBUSY) naming the differences, QemuTimeout
     (EBUSY), QemuError."""
-    record = read_record(store.path, m.name)
-    if record is None:
-        yield None
-        return
-    session = QmpSession(record["qmp"])
-    session.guest_agent = record.get("guest_agent")
-    try:
-        session.open()
-    except QemuNotRunning:
+    session = live_session(store, m)
+    if session is None:
         yield None
         return
     try:
