@@ -241,9 +241,11 @@ class VmOperations:
             self._after_failed_switch(m, qemu, new, e)
             freeze.consistency = "crash"
         crashpoint("create:switched")
-        snap = switch_to_live_overlays(m, self._save, freeze.consistency)
-        log.info("VM %s: live snapshot %s taken (%s-consistent%s)", self.vm, name,
-                 freeze.consistency, f": {freeze.reason}" if freeze.reason else "")
+        snap = switch_to_live_overlays(m, self._save, freeze.consistency, freeze.frozen_seconds)
+        log.info("VM %s: live snapshot %s taken (%s-consistent%s%s)", self.vm, name,
+                 freeze.consistency, f": {freeze.reason}" if freeze.reason else "",
+                 "" if freeze.frozen_seconds is None else
+                 f"; the guest was frozen for {freeze.frozen_seconds:.3f} s")
         return snap
 
     def _after_failed_switch(self, m, qemu, new, error):

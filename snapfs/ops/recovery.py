@@ -69,10 +69,10 @@ def recover_vm(store, m, save=None, users=None):
     return f"{m.name}: finished an interrupted {kind}"
 
 
-def switch_to_live_overlays(m, save, consistency):
+def switch_to_live_overlays(m, save, consistency, frozen_seconds=None):
     """The manifest switch of a live create whose overlays QEMU writes: the
     snapshot recorded in the intent owns the old leaves, the overlays are
-    active."""
+    active.  The record says how long the guest was frozen, if it was."""
     op = m.operation
     snap = op["snapshot"]
     old = snap["volumes"]
@@ -85,6 +85,8 @@ def switch_to_live_overlays(m, save, consistency):
     m.operation = None
     m.last_operation = {"op": "create", "snapshot": created.name, "live": True,
                         "consistency": consistency, "finished": utc_now()}
+    if frozen_seconds is not None:
+        m.last_operation["frozen_seconds"] = frozen_seconds
     save(m)
     return created
 

@@ -167,12 +167,17 @@ class GuestAgent:
 class Freeze:
     """What ``frozen_guest`` did: ``consistency`` is "frozen" only if the
     guest's filesystems were frozen from before the switch until
-    ``switched()`` was called; else "crash", and ``reason`` says why."""
+    ``switched()`` was called; else "crash", and ``reason`` says why.
+    ``frozen_seconds`` is how long the guest stayed frozen, from the
+    freeze's answer to the thaw's (None if it never froze): what its users
+    felt, and what VDSM logs too."""
 
     def __init__(self):
         self.consistency = "crash"
         self.reason = None
+        self.frozen_seconds = None
         self._frozen = False
+        self._frozen_at = None
         self._thawed = threading.Event()
 
     def switched(self):
@@ -207,6 +212,7 @@ def frozen_guest(agent_path, max_freeze=MAX_FREEZE, timeout=None):
             sent = True
             agent.execute("guest-fsfreeze-freeze")
             state._frozen = True
+            state._frozen_at = time.monotonic()
             timer = threading.Timer(max_freeze, _thaw, (agent, state, "timer"))
             timer.daemon = True
             timer.start()
@@ -229,5 +235,7 @@ def _thaw(agent, state, when):
     state._thawed.set()
     try:
         agent.execute("guest-fsfreeze-thaw")
+        if state._frozen_at is not None:
+            state.frozen_seconds = round(time.monotonic() - state._frozen_at, 3)
     except AgentError as e:
         log.error("%s: thawing the guest (%s) failed: %s", agent.path, when, e)

@@ -32,19 +32,26 @@ class LiveVm:
         return json.loads((self.dir / "manifest.json").read_text())
 
     @contextlib.contextmanager
-    def running(self, agent=False):
-        """QEMU started with ``vm qemu-args`` (and an agent channel no agent
-        answers on: nothing boots), attached; stopped by PID on exit."""
+    def running(self, agent=False, boot=()):
+        """QEMU started with ``vm qemu-args`` and attached; stopped by PID on
+        exit.  Its CPUs stay stopped unless ``boot`` gives the arguments of
+        a guest to boot; without one, an agent channel has nobody on it."""
         extra = ["--guest-agent", self.agent] if agent else []
         args = snapfs("vm", "qemu-args", self.store, self.name, "--qmp", self.qmp,
                       *extra).stdout.splitlines()
-        with qemu_running(args, self.qmp, self.tmp / f"{self.name}.qemu.log") as proc:
+        with qemu_running([*args, *boot], self.qmp, self.tmp / f"{self.name}.qemu.log",
+                          stopped=not boot) as proc:
             self.proc = proc
-            snapfs("vm", "attach", self.store, self.name, "--qmp", self.qmp, *extra)
+            self.attach(agent)
             try:
                 yield proc
             finally:
                 self.proc = None
+
+    def attach(self, agent):
+        """(Re-)attach the running QEMU, with or without its agent channel."""
+        extra = ["--guest-agent", self.agent] if agent else []
+        snapfs("vm", "attach", self.store, self.name, "--qmp", self.qmp, *extra)
 
     def hmp(self, command):
         with QmpSession(self.qmp) as q:

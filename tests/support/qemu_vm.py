@@ -1,6 +1,7 @@
 """A real ``qemu-system-x86_64`` for the tests of running VMs: CPUs stopped
-(``-S``), no default devices, no display, TCG (``/dev/kvm`` here is PVM,
-which can't be trusted), and always stopped by its PID."""
+(``-S``) unless a guest boots, no default devices, no display, TCG
+(``/dev/kvm`` here is PVM, which can't be trusted), and always stopped by
+its PID."""
 
 import contextlib
 import os
@@ -12,16 +13,18 @@ from snapfs.errors import QemuError
 from snapfs.qemu.qmp import QmpSession
 
 QEMU = "qemu-system-x86_64"
-BASE_ARGS = ["-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg"]
+BASE_ARGS = ["-nodefaults", "-display", "none", "-machine", "accel=tcg"]
 
 
 @contextlib.contextmanager
-def qemu_running(args, qmp, log):
+def qemu_running(args, qmp, log, stopped=True):
     """Start QEMU with ``args`` (which put its QMP monitor on socket
-    ``qmp``), wait until QMP answers, yield the Popen; stop it on exit:
-    SIGTERM, SIGKILL after 5 s, then reap it.  ``log`` gets its stderr."""
+    ``qmp``), its CPUs stopped unless not ``stopped``, wait until QMP
+    answers, yield the Popen; stop it on exit: SIGTERM, SIGKILL after 5 s,
+    then reap it.  ``log`` gets its stderr."""
+    base = ["-S", *BASE_ARGS] if stopped else BASE_ARGS
     with open(log, "ab") as err:
-        proc = subprocess.Popen([QEMU, *BASE_ARGS, *map(str, args)], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([QEMU, *base, *map(str, args)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         _wait_for_qmp(proc, qmp, log)
