@@ -89,11 +89,20 @@ def build_parser():
                       "layer by layer: each backing layer becomes a snapshot named after its "
                       "file, oldest first, and the top becomes the active state.  Internal "
                       "snapshots (qemu-img snapshot, virsh) become snapshots too, each just "
-                      "before its layer, with their own names and dates.")
+                      "before its layer, with their own names and dates.  Direct LUNs and "
+                      "shareable disks are never snapshotted (RHV's rule): snapshots, "
+                      "previews, commits, undos, deletes and clones leave them alone.")
     c.add_argument("store")
     c.add_argument("vm")
-    c.add_argument("--disk", action="append", required=True, metavar="NAME=SPEC",
+    c.add_argument("--disk", action="append", default=[], metavar="NAME=SPEC",
                    help="a disk: NAME=SIZE or NAME=PATH (repeat for more disks)")
+    c.add_argument("--lun", action="append", default=[], metavar="NAME=/dev/BLOCKDEV",
+                   help="a direct LUN: a host block device used in place, never copied or "
+                        "layered (repeat for more)")
+    c.add_argument("--shareable", action="append", default=[], metavar="NAME[=PATH]",
+                   help="a shareable disk: NAME=PATH imports a raw image, or a qcow2 image "
+                        "without backing file, as one raw volume that several VMs can "
+                        "attach; NAME alone attaches the store's shareable disk NAME")
     c.add_argument("--move", action="store_true",
                    help="rename the images into the store instead of copying them "
                         "(when on the same filesystem; refused for images with internal "
@@ -221,10 +230,15 @@ def cmd_vm_add(args):
     try:
         _recover(store)
         m = add_vm(store, args.vm, args.disk, move=args.move,
-                   progress=None if sys.stderr.isatty() else False)
+                   progress=None if sys.stderr.isatty() else False, luns=args.lun,
+                   shareables=args.shareable)
     finally:
         store.release_lock()
-    print(f"added VM {m.name}: {len(m.disks)} disk(s), {len(m.snapshots)} snapshot(s)")
+    kinds = "".join(f", {kind}: {', '.join(d for d in m.special if m.special[d]['kind'] == kind)}"
+                    for kind in ("lun", "shareable")
+                    if any(k["kind"] == kind for k in m.special.values()))
+    print(f"added VM {m.name}: {len(m.all_disks)} disk(s){kinds}, "
+          f"{len(m.snapshots)} snapshot(s)")
 
 
 def cmd_vm_list(args):
@@ -234,7 +248,9 @@ def cmd_vm_list(args):
     for name in store.vm_names():
         try:
             m = store.load_vm(name)
-            rows.append({"name": name, "disks": m.disks, "snapshots": len(m.snapshots)})
+            rows.append({"name": name, "disks": m.all_disks, "snapshots": len(m.snapshots)})
+            if m.special:
+                rows[-1]["kinds"] = {d: k["kind"] for d, k in m.special.items()}
         except SnapfsError as e:
             rows.append({"name": name, "error": str(e)})
             continue
@@ -310,9 +326,11 @@ def cmd_vm_qemu_args(args):
     m = store.load_vm(args.vm)
     leaves = {disk: (store.volume_path(m.name, vid), m.volumes[vid]["format"])
               for disk, vid in m.active.items()}
-    leaves = {disk: leaves[disk] for disk in m.disks}
+    leaves.update((disk, (store.special_path(m, disk), "raw")) for disk in m.special)
+    leaves = {disk: leaves[disk] for disk in m.all_disks}
     words = qemu_args(leaves, qmp=args.qmp and os.path.abspath(args.qmp),
-                      guest_agent=args.guest_agent and os.path.abspath(args.guest_agent))
+                      guest_agent=args.guest_agent and os.path.abspath(args.guest_agent),
+                      kinds={d: k["kind"] for d, k in m.special.items()})
     print("\n".join(words))
 
 
@@ -320,7 +338,8 @@ def cmd_snapshot_list(args):
     store = Store.open(args.store)
     m = store.load_vm(args.vm)
     if args.json:
-        print(json.dumps([s.to_json() for s in m.snapshots], indent=2))
+        print(json.dumps([dict(s.to_json(), excluded=m.excluded(s)) for s in m.snapshots],
+                         indent=2))
         return
     if not m.snapshots:
         print(f"VM {m.name} has no snapshots")

@@ -275,7 +275,7 @@ class SnapfsOperations(pyfuse3.Operations):
         # readers share.
         private = handle.overlay is not None
         return pyfuse3.FileInfo(fh=self._new_fh(handle), keep_cache=node.immutable and not private,
-                                direct_io=node.control is not None or private)
+                                direct_io=node.control is not None or private or node.shared)
 
     async def read(self, fh, off, size):
         handle = self._handle(fh)

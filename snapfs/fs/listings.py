@@ -47,7 +47,7 @@ class Listings:
             vm = VmState(name, manifest)
             # Every disk has its slot from the start: an operation holds the
             # slots of the disks it changes (MountUsers.hold), listed or not.
-            for disk in manifest.disks:
+            for disk in manifest.all_disks:
                 vm.active[disk] = ActiveSlot(self.active_disk(vm, disk))
             specs.append(dict(name=name, mode=DIR_MODE, mtime_ns=self.time(manifest.created),
                               timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda vm=vm: self.vm(vm)))
@@ -100,11 +100,12 @@ class Listings:
 
     def active(self, vm):
         specs = []
-        for disk in vm.manifest.disks:
+        for disk in vm.manifest.all_disks:
             slot = vm.active[disk]
             specs.append(dict(name=f"{disk}.raw", mode=ACTIVE_MODE, mtime_ns=self.mount_time_ns,
                               view=slot, vm=vm, immutable=False, timeout=MUTABLE_TIMEOUT,
-                              owner=active_write_use(disk)))
+                              owner=active_write_use(disk),
+                              shared=disk in vm.manifest.special))
             for part in self.active_partitions(vm, slot):
                 specs.append(self.active_partition(vm, slot, disk, part))
         return specs
@@ -113,10 +114,13 @@ class Listings:
         return dict(name=f"{disk}-part{part.number}.raw", mode=ACTIVE_MODE,
                     mtime_ns=self.mount_time_ns, vm=vm, immutable=False,
                     timeout=MUTABLE_TIMEOUT, view=PartitionView(slot, part.start, part.length),
-                    owner=active_write_use(disk))
+                    owner=active_write_use(disk), shared=disk in vm.manifest.special)
 
     def active_disk(self, vm, disk):
-        return ActiveDisk(self.pool, self.chain_refs(vm, vm.manifest.active[disk]))
+        m = vm.manifest
+        if disk in m.special:
+            return ActiveDisk(self.pool, [self.store.special_ref(m, disk)])
+        return ActiveDisk(self.pool, self.chain_refs(vm, m.active[disk]))
 
     def active_partitions(self, vm, slot):
         """The partitions of an active disk as it reads now.  Until its
@@ -192,7 +196,9 @@ class Listings:
         mtime = self.time(snapshot.created) if snapshot else self.mount_time_ns
         owner = snapshot_use(snapshot.id) if snapshot else BEFORE_PREVIEW_USE
         specs, views = [], {}
-        for disk in m.disks:
+        # A snapshot holds the layered disks it was taken of; its
+        # snapshot.json names the others (``excluded``).
+        for disk in (d for d in m.disks if d in volumes):
             view = DiskView(self.pool, self.chain_refs(vm, volumes[disk]))
             specs.append(dict(name=f"{disk}.raw", mode=DISK_VIEW_MODE, mtime_ns=mtime, view=view,
                               vm=vm, owner=owner))

@@ -49,6 +49,9 @@ class Node:
     # them while they are open: ("snapshot", id) or ("before-preview",).
     owner: tuple | None = None
     stale: bool = False                   # left the tree: opens fail, views let go
+    # A shareable disk or a LUN: others change its bytes (other VMs, QEMU,
+    # the host), so it bypasses the page cache.
+    shared: bool = False
 
     @property
     def is_dir(self):

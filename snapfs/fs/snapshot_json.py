@@ -32,6 +32,7 @@ class SnapshotJson:
         if snap is None:
             raise NotFound("the snapshot was deleted")
         doc = snap.to_json()
+        doc["excluded"] = manifest.excluded(snap)
         doc["volumes"] = {
             disk: {"volume": os.path.basename(view.refs[-1].path),
                    "chain": [os.path.basename(r.path) for r in view.refs], "size": view.size}

@@ -129,6 +129,8 @@ class Tree:
         """Give each active slot whose chain changed a new ActiveDisk.  The
         slot's lock is held: by the operation that changed it, already."""
         for disk, slot in vm.active.items():
+            if disk in vm.manifest.special:
+                continue            # no operation changes a LUN or shareable disk
             refs = self.listings.chain_refs(vm, vm.manifest.active[disk])
             if refs == slot.disk.refs and not _touches(refs[:-1], changed):
                 continue

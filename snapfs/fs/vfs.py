@@ -124,7 +124,10 @@ class Vfs(OperationRunner, Tree):
             disk.chain()
         elif isinstance(disk, ActiveSlot):
             leaf = disk.disk.refs[-1].path
-            if held_by_qemu(leaf):
+            # A shareable disk or a LUN is raw and written in place, by any
+            # number of writers (QEMU opens it with share-rw): no tables to
+            # corrupt.  A layered leaf is QEMU's alone.
+            if not node.shared and held_by_qemu(leaf):
                 # QEMU owns the leaf while it runs; a second writer would
                 # corrupt it, and a reader would see tables QEMU has not
                 # written back (issue: running VMs).

@@ -196,14 +196,23 @@ class ActiveDisk:
 
     def writer(self):
         from ..qcow2.writer import Qcow2Writer
+        from ..store.writers import open_writer
         with self._lock:
             if self._writer is None and self._refusal is None:
                 leaf = self.refs[-1]
                 try:
-                    # Write-back: table updates wait for fsync/close, as in a
-                    # disk's cache (see qcow2/writer.py).
-                    self._writer = Qcow2Writer(leaf.path, below=self.below.read if self.below else None,
-                                               write_back=True)
+                    if leaf.format != "qcow2":
+                        # A shareable disk or a LUN, written in place.
+                        self._writer = open_writer(leaf.path, leaf.format)
+                    else:
+                        # Write-back: table updates wait for fsync/close, as
+                        # in a disk's cache (see qcow2/writer.py).
+                        self._writer = Qcow2Writer(leaf.path,
+                                                   below=self.below.read if self.below else None,
+                                                   write_back=True)
+                except OSError as e:
+                    self._refusal = ImageError(leaf.path, f"cannot open for writing: {e.strerror}")
+                    log.error("active disk is read-only: %s", self._refusal)
                 except SnapfsError as e:
                     # Still readable through the read-only chain.
                     self._refusal = e

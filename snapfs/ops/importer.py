@@ -32,6 +32,7 @@ from ..store.sizes import looks_like_size, parse_size
 from ..store.transfer import copy_file
 from ..store.volume import VolumePool
 from .discover import discover_chain
+from .disk_kinds import SharedImport, parse_lun
 from .internal_snapshots import history, rebuild_layer
 
 
@@ -181,19 +182,29 @@ def _check_depth(sources):
                                   "a disk's chain may hold")
 
 
-def add_vm(store, vm_name, specs, move=False, progress=None):
-    """Create VM ``vm_name`` in ``store`` from ``specs`` ('NAME=SIZE|PATH').
+def add_vm(store, vm_name, specs, move=False, progress=None, luns=(), shareables=(),
+           order=None):
+    """Create VM ``vm_name`` in ``store`` from ``specs`` ('NAME=SIZE|PATH'),
+    direct LUNs ``luns`` ('NAME=/dev/X') and shareable disks
+    ``shareables`` ('NAME=PATH' to import, 'NAME' to attach the store's).
+    The disks come in ``order`` (names), or layered, LUNs, shareable.
 
     The caller holds the store lock.  Returns the new Manifest.
     """
     check_name(vm_name, "VM name")
     if store.has_vm(vm_name):
         raise AlreadyExists(f"VM {vm_name!r} already exists in {store.path}")
-    if not specs:
-        raise InvalidArgument("a VM needs at least one --disk")
+    if not (specs or luns or shareables):
+        raise InvalidArgument("a VM needs at least one --disk, --lun or --shareable")
     sources = [parse_disk_spec(s) for s in specs]
-    if len({s.name for s in sources}) != len(sources):
+    special = dict(parse_lun(spec) for spec in luns)
+    shared = [SharedImport(store, spec) for spec in shareables]
+    special.update((s.name, s.record) for s in shared)
+    disk_names = [s.name for s in sources] + list(special)
+    if len(set(disk_names)) != len(sources) + len(luns) + len(shareables):
         raise AlreadyExists("duplicate disk names")
+    if order is not None and sorted(order) != sorted(disk_names):
+        raise InvalidArgument(f"disk order {order} does not name the disks {disk_names}")
     _check_snapshot_lists(sources)
     _check_depth(sources)
     count = max((s.snapshot_count for s in sources if s.layers is not None), default=0)
@@ -208,7 +219,10 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
     staging = os.path.join(store.vms_dir, f".import-{uuid.uuid4()}")
     M.private_dir(staging)
     moved = []   # (store path, layer, original mode) to put back on failure
+    made = []    # shared volumes written, removed on failure
     try:
+        for share in shared:
+            made.append(share.create(progress))
         volumes, chains = {}, {}
         for src in sources:
             chains[src.name] = _build_disk(src, count, staging, volumes, move, moved, progress)
@@ -220,7 +234,8 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
                                         {d: chains[d][i] for d in chains}))
         manifest = M.Manifest(name=vm_name, id=str(uuid.uuid4()), created=now_utc(),
                               disks=[s.name for s in sources], volumes=volumes,
-                              snapshots=snapshots, active={d: chains[d][-1] for d in chains})
+                              snapshots=snapshots, active={d: chains[d][-1] for d in chains},
+                              special=special, order=(order or disk_names) if special else None)
         M.save(manifest, os.path.join(staging, M.MANIFEST))
         target = store.vm_dir(vm_name)
         if os.path.exists(target):
@@ -238,6 +253,9 @@ def add_vm(store, vm_name, specs, move=False, progress=None):
             if stat.S_IMODE(os.stat(layer.path).st_mode) != mode:
                 os.chmod(layer.path, mode)
         shutil.rmtree(staging, ignore_errors=True)
+        for path in made:
+            if path:
+                os.unlink(path)
         raise
 
 

@@ -58,17 +58,23 @@ def opt(value):
     return value.replace(",", ",,")
 
 
-def qemu_args(leaves, qmp=None, guest_agent=None):
+def qemu_args(leaves, qmp=None, guest_agent=None, kinds=None):
     """The arguments for disks ``leaves`` ({disk: (absolute path of the
     active leaf, its format)}, in the VM's disk order), with a QMP monitor
     on UNIX socket ``qmp`` and a guest-agent channel on ``guest_agent``
-    (QEMU listens on both; it does not wait for a client)."""
+    (QEMU listens on both; it does not wait for a client).  ``kinds`` gives
+    the kind ("lun", "shareable") of the disks that are not layered: a
+    LUN's file is a ``host_device``, and a shareable disk's device lets
+    other QEMUs write the image too (``share-rw``)."""
+    kinds = kinds or {}
     args = []
     for disk, node in disk_ids(leaves).items():
         path, fmt = leaves[disk]
-        args += ["-blockdev", f"driver={fmt},node-name={node},file.driver=file,"
+        protocol = "host_device" if kinds.get(disk) == "lun" else "file"
+        share = ",share-rw=on" if kinds.get(disk) == "shareable" else ""
+        args += ["-blockdev", f"driver={fmt},node-name={node},file.driver={protocol},"
                               f"file.filename={opt(path)}",
-                 "-device", f"virtio-blk-pci,drive={node},id={node}"]
+                 "-device", f"virtio-blk-pci,drive={node},id={node}{share}"]
     if qmp:
         # -chardev + -mon rather than -qmp unix:PATH: the legacy form can't
         # escape a comma in the path.

@@ -10,7 +10,7 @@ from ..errors import SnapfsError
 from . import manifest as M
 from .chain import Chain
 from .scratch import LEFTOVER_OVERLAY, SCRATCH, default_scratch_dir, leftover_overlays
-from .store import LOCK, MARKER, TEMPORARY_LEFTOVER, VMS
+from .store import LOCK, MARKER, SHARED, TEMPORARY_LEFTOVER, VMS
 from .volume import VolumePool
 
 
@@ -52,16 +52,34 @@ class StoreChecker:
                 self.problem(f"{path}: unexpected file in {VMS}/")
                 continue
             self.check_vm(name)
+        self.check_shared()
         # Last: what --repair removed has no mode left to report.
         self.check_private_modes()
         return self.repaired + self.problems
 
     def check_store_entries(self):
         for name in os.listdir(self.store.path):
-            if name not in (MARKER, LOCK, VMS, SCRATCH) and not name.endswith(".log"):
+            if name not in (MARKER, LOCK, VMS, SCRATCH, SHARED) and not name.endswith(".log"):
                 self.problem(f"{os.path.join(self.store.path, name)}: unexpected file in the store")
         for path in leftover_overlays(default_scratch_dir(self.store)):
             self.leftover(path, LEFTOVER_OVERLAY)
+
+    def check_shared(self):
+        """Every shareable volume some VM attaches exists; one that none
+        attaches is a leftover (of a removal or an import cut short).  With
+        a manifest unreadable, nothing is judged unused."""
+        try:
+            used = self.store.shared_in_use()
+        except SnapfsError as e:
+            self.problem(f"shareable disks not checked: {e}")
+            return
+        present = set(os.listdir(self.store.shared_dir)) if os.path.isdir(
+            self.store.shared_dir) else set()
+        for sid in sorted(used - present):
+            self.problem(f"{self.store.shared_path(sid)}: shareable disk is missing")
+        for name in sorted(present - used):
+            self.leftover(os.path.join(self.store.shared_dir, name),
+                          "a shareable disk no VM attaches")
 
     def check_vm(self, name):
         try:

@@ -8,9 +8,16 @@ Schema (version 1)::
 
     {"format": "snapfs-vm", "version": 1, "name": "web", "id": UUID,
      "created": ISO-8601,
-     "disks": ["sda", ...],
+     "disks": ["sda", ...],          # every disk, in the VM's order
+     "kinds": {disk: {"kind": "lun", "device": "/dev/..."}
+                   | {"kind": "shareable", "id": UUID}},
+                           # the disks no snapshot holds (DESIGN.md section 1): a direct
+                           # LUN, used in place, and a shareable disk, one raw volume
+                           # STORE/shared/<id> that several VMs attach; missing: none.
+                           # Every other disk is layered, and only those appear below.
      "volumes": {UUID: {"disk": "sda", "format": "qcow2"|"raw", "parent": UUID|null}},
      "snapshots": [{"id", "name", "description", "created", "volumes": {disk: UUID},
+                           # volumes: the layered disks it holds (all, or those chosen)
                     "consistency": "offline" | "crash" | "frozen"}],
                            # consistency: taken with the VM stopped, live without a
                            # guest freeze, or live with it frozen through the agent;
@@ -45,6 +52,7 @@ from .names import check_disk_name, check_name, check_snapshot_name
 
 FORMAT = "snapfs-vm"
 CONSISTENCIES = ("offline", "crash", "frozen")
+LUN, SHAREABLE = "lun", "shareable"
 VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -66,6 +74,10 @@ class Snapshot:
 
 @dataclass
 class Manifest:
+    """``disks`` are the layered disks, the ones snapshots hold; ``special``
+    maps each other disk (a LUN or a shareable disk) to its kind record,
+    and ``order`` lists every disk in the VM's order (None: ``disks``)."""
+
     name: str
     id: str
     created: str
@@ -77,8 +89,29 @@ class Manifest:
     operation: dict | None = None
     last_operation: dict | None = None
     path: str | None = field(default=None, compare=False)
+    special: dict = field(default_factory=dict)
+    order: list | None = None
 
     # -- queries ----------------------------------------------------------
+
+    @property
+    def all_disks(self):
+        """Every disk of the VM, layered or not, in its order."""
+        return list(self.order) if self.order is not None else list(self.disks)
+
+    def shared_ids(self):
+        """Ids of the shareable disks this VM attaches."""
+        return {k["id"] for k in self.special.values() if k["kind"] == SHAREABLE}
+
+    def excluded(self, snap):
+        """{disk: why} of the disks snapshot ``snap`` does not hold."""
+        out = {}
+        for disk in self.all_disks:
+            if disk in self.special:
+                out[disk] = self.special[disk]["kind"]
+            elif disk not in snap.volumes:
+                out[disk] = "not selected"
+        return out
 
     def snapshot(self, name):
         for snap in self.snapshots:
@@ -132,7 +165,8 @@ class Manifest:
     def to_json(self):
         return {
             "format": FORMAT, "version": VERSION, "name": self.name, "id": self.id,
-            "created": self.created, "disks": list(self.disks),
+            "created": self.created, "disks": self.all_disks,
+            **({"kinds": self.special} if self.special else {}),
             "volumes": self.volumes,
             "snapshots": [s.to_json() for s in self.snapshots],
             "active": self.active, "preview": self.preview, "operation": self.operation,
@@ -145,7 +179,11 @@ class Manifest:
         try:
             if data.get("format") != FORMAT or data.get("version") != VERSION:
                 raise ValueError("not a snapfs VM manifest of a known version")
-            disks = [check_disk_name(d) for d in data["disks"]]
+            order = [check_disk_name(d) for d in data["disks"]]
+            if len(set(order)) != len(order):
+                raise ValueError("duplicate disk names")
+            special = _check_kinds(data.get("kinds") or {}, order)
+            disks = [d for d in order if d not in special]
             volumes = {}
             for vid, vol in data["volumes"].items():
                 uuid.UUID(vid)
@@ -159,7 +197,8 @@ class Manifest:
             for s in data["snapshots"]:
                 snapshots.append(Snapshot(str(uuid.UUID(s["id"])), check_snapshot_name(s["name"]),
                                           str(s.get("description", "")), str(s["created"]),
-                                          _check_disk_map(s["volumes"], disks, volumes),
+                                          _check_disk_map(s["volumes"], disks, volumes,
+                                                          subset=True),
                                           _check_consistency(s.get("consistency", "offline"))))
             if len({s.name for s in snapshots}) != len(snapshots):
                 raise ValueError("duplicate snapshot names")
@@ -167,7 +206,8 @@ class Manifest:
                     created=str(data["created"]), disks=disks, volumes=volumes,
                     snapshots=snapshots, active=_check_disk_map(data["active"], disks, volumes),
                     preview=data.get("preview"), operation=data.get("operation"),
-                    last_operation=data.get("last_operation"), path=str(path))
+                    last_operation=data.get("last_operation"), path=str(path),
+                    special=special, order=order if special else None)
             if m.preview is not None:
                 _check_disk_map(m.preview["before"], disks, volumes)
                 if not any(s.id == m.preview["snapshot"] for s in snapshots):
@@ -189,9 +229,29 @@ def _check_consistency(value):
     return value
 
 
-def _check_disk_map(mapping, disks, volumes):
-    if set(mapping) != set(disks):
-        raise ValueError("a snapshot or the active state does not cover every disk")
+def _check_kinds(kinds, order):
+    """The kind records of the disks that are not layered."""
+    out = {}
+    for disk, kind in kinds.items():
+        if disk not in order:
+            raise ValueError(f"kind of unknown disk {disk!r}")
+        if kind.get("kind") == LUN:
+            device = kind["device"]
+            if not isinstance(device, str) or not device.startswith("/"):
+                raise ValueError(f"LUN {disk} has no absolute device path")
+            out[disk] = {"kind": LUN, "device": device}
+        elif kind.get("kind") == SHAREABLE:
+            out[disk] = {"kind": SHAREABLE, "id": str(uuid.UUID(kind["id"]))}
+        else:
+            raise ValueError(f"disk {disk} has an unknown kind {kind.get('kind')!r}")
+    return out
+
+
+def _check_disk_map(mapping, disks, volumes, subset=False):
+    """A snapshot holds some layered disks (``subset``: at least one); the
+    active state and before-preview hold them all."""
+    if set(mapping) != set(disks) and not (subset and mapping and set(mapping) <= set(disks)):
+        raise ValueError("a snapshot or the active state does not cover the layered disks")
     for disk, vid in mapping.items():
         if vid not in volumes or volumes[vid]["disk"] != disk:
             raise ValueError(f"disk {disk} refers to unknown volume {vid}")

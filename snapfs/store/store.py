@@ -6,6 +6,8 @@ Layout::
     STORE/lock                   flock()ed by the one writer (a mount or a CLI command)
     STORE/vms/<vm>/manifest.json
     STORE/vms/<vm>/<uuid>        volume files, named by UUID
+    STORE/shared/<uuid>          shareable disks: one raw volume each, which
+                                 the manifests of the VMs that attach it name
 
 A qcow2 volume's backing name is its parent's bare UUID, with the format
 always recorded.  Readers need no lock: manifests are replaced atomically.
@@ -32,6 +34,7 @@ MARKER = "snapfs-store.json"
 STORE_FORMAT = "snapfs-store"
 STORE_VERSION = 1
 VMS = "vms"
+SHARED = "shared"
 LOCK = "lock"
 TEMPORARY_LEFTOVER = "left by an interrupted manifest update"
 
@@ -258,10 +261,69 @@ class Store:
             if held_by_qemu(os.path.join(directory, entry)):
                 raise Busy(f"VM {name} is in use by QEMU (volume {entry} holds its image "
                            f"lock); stop the VM first")
+        try:
+            shared = self.load_vm(name).shared_ids()
+        except StoreError:
+            shared = set()   # unreadable: its shared volumes are check's to judge
         trash = os.path.join(self.vms_dir, f".removed-{uuid.uuid4()}")
         os.rename(directory, trash)
         M.fsync_dir(self.vms_dir)
         shutil.rmtree(trash)
+        # A shareable disk goes with its last VM.  A crash before this
+        # leaves it unreferenced, and 'snapfs check --repair' removes it.
+        for sid in sorted(shared - self.shared_in_use()):
+            self.remove_shared(sid)
+
+    # -- shareable disks ------------------------------------------------------
+
+    @property
+    def shared_dir(self):
+        return os.path.join(self.path, SHARED)
+
+    def shared_path(self, shared_id):
+        return os.path.join(self.shared_dir, str(uuid.UUID(shared_id)))
+
+    def shared_in_use(self):
+        """Ids of the shareable disks some VM's manifest names (an unreadable
+        manifest raises: nothing may be judged unused on a guess)."""
+        used = set()
+        for name, m in self.load_vms():
+            if isinstance(m, BaseException):
+                raise StoreError(f"VM {name}: {m}") from m
+            used |= m.shared_ids()
+        return used
+
+    def shareable_named(self, disk):
+        """The id of the shareable disk that the store's VMs attach as
+        ``disk``.  Raises NotFound if none does, StoreError if several
+        different ones do."""
+        ids = {m.special[disk]["id"] for _, m in self.load_vms()
+               if not isinstance(m, BaseException) and disk in m.special
+               and m.special[disk]["kind"] == M.SHAREABLE}
+        if not ids:
+            raise NotFound(f"no VM of {self.path} has a shareable disk named {disk!r}")
+        if len(ids) > 1:
+            raise StoreError(f"{len(ids)} different shareable disks are named {disk!r} in "
+                             f"{self.path}: {sorted(ids)}")
+        return ids.pop()
+
+    def special_path(self, m, disk):
+        """The file or device that LUN or shareable ``disk`` of ``m`` uses."""
+        kind = m.special[disk]
+        return kind["device"] if kind["kind"] == M.LUN else self.shared_path(kind["id"])
+
+    def special_ref(self, m, disk):
+        """The VolumeRef of a LUN ("block": raw on a block device, checked at
+        every open) or of a shareable disk (raw)."""
+        fmt = "block" if m.special[disk]["kind"] == M.LUN else "raw"
+        return VolumeRef(self.special_path(m, disk), fmt)
+
+    def remove_shared(self, shared_id):
+        try:
+            os.unlink(self.shared_path(shared_id))
+        except FileNotFoundError:
+            pass
+        M.fsync_dir(self.shared_dir)
 
     # -- volumes ------------------------------------------------------------
 

@@ -7,6 +7,8 @@ from tqdm import tqdm
 
 from ..errors import ImageError, NoSpace
 from ..qcow2.create import IMAGE_MODE
+from ..qcow2.filerange import write_all
+from ..qcow2.mapping import ZERO
 
 CHUNK = 8 << 20
 PROGRESS_THRESHOLD = 64 << 20   # smaller copies finish before a bar is useful
@@ -81,3 +83,36 @@ def _copy_range(sfd, dfd, offset, length):
             raise
     data = os.pread(sfd, length, offset)
     return os.pwrite(dfd, data, offset)
+
+
+def flatten_to_raw(chain, dst, label, progress=None):
+    """Write the bytes of ``chain`` (a store.chain.Chain) to the new raw
+    file ``dst``: only what is not zero is written, so the file stays
+    sparse; then fsync it.  The progress bar (as ``copy_file``'s) is
+    labelled ``label``.  Raises NoSpace or ImageError; a partial ``dst``
+    is removed."""
+    size = chain.size
+    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
+    try:
+        os.fchmod(dfd, IMAGE_MODE)
+        show = progress if progress is not None else size >= PROGRESS_THRESHOLD
+        with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                  disable=not show or None, leave=False) as bar:
+            for start, length, kind, _ in list(chain.extents()):
+                if kind != ZERO:
+                    for at in range(start, start + length, CHUNK):
+                        data = chain.read(at, min(CHUNK, start + length - at))
+                        if data.count(0) != len(data):
+                            write_all(dfd, data, at)
+                bar.update(length)
+        os.ftruncate(dfd, size)
+        os.fsync(dfd)
+    except BaseException as e:
+        os.close(dfd)
+        os.unlink(dst)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise NoSpace(f"{dst}: no space left while writing {label}") from None
+        if isinstance(e, OSError):
+            raise ImageError(dst, f"cannot write: {e.strerror}") from None
+        raise
+    os.close(dfd)

@@ -5,6 +5,7 @@ The manifest says which format a volume has; nothing here probes.
 
 import itertools
 import os
+import stat
 import threading
 from collections import OrderedDict
 
@@ -22,14 +23,19 @@ COMPRESSED_CACHE_BYTES = 64 << 20
 
 class RawVolume:
     """A raw base volume.  Its size is the file size rounded up to a sector,
-    as QEMU reports it; bytes past the end of the file read as zeros."""
+    as QEMU reports it; bytes past the end of the file read as zeros.  With
+    ``block``, it must be a block device (a direct LUN), or the open fails."""
 
     format = "raw"
 
-    def __init__(self, path):
+    def __init__(self, path, block=False):
         self.path = str(path)
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        file_size = os.fstat(self.fd).st_size
+        try:
+            file_size = device_size(self.fd, self.path, block)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = -(-file_size // SECTOR) * SECTOR
         self.backing_file = None
         self.backing_format = None
@@ -106,11 +112,21 @@ class Qcow2Volume(Qcow2Image):
         return self.header.backing_format
 
 
+def device_size(fd, path, block):
+    """The size of open file ``fd``: of a block device too, whose st_size is
+    0.  With ``block``, raises ImageError unless it is a block device."""
+    st = os.fstat(fd)
+    if block and not stat.S_ISBLK(st.st_mode):
+        raise ImageError(path, "a direct LUN must be a block device, and this is not one")
+    return os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+
+
 def open_volume(path, fmt):
-    """Open ``path`` as ``fmt`` ("raw" or "qcow2").  Raises ImageError."""
+    """Open ``path`` as ``fmt`` ("raw", "qcow2", or "block": raw on a block
+    device).  Raises ImageError."""
     try:
-        if fmt == "raw":
-            return RawVolume(path)
+        if fmt in ("raw", "block"):
+            return RawVolume(path, block=fmt == "block")
         if fmt == "qcow2":
             return Qcow2Volume(path)
     except FileNotFoundError:

@@ -7,17 +7,27 @@ import os
 from ..qcow2.filerange import FileRange, write_all
 from ..qcow2.writer import Qcow2Writer
 from .faults import crashpoint
+from .volume import device_size
 
 _ZERO_CHUNK = bytes(1 << 20)
 
 
 class RawWriter:
-    """A raw base volume written in place (only when merging into it)."""
+    """A raw volume written in place: a raw base a merge writes into, or
+    the volume of a shareable disk or a direct LUN (``block``: it must be a
+    block device)."""
 
-    def __init__(self, path):
+    def __init__(self, path, block=False):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.size = os.fstat(self.fd).st_size
+        try:
+            self.size = device_size(self.fd, path, block)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def read(self, offset, length):
+        return os.pread(self.fd, length, offset)
 
     def write(self, offset, data):
         write_all(self.fd, data, offset)
@@ -62,6 +72,6 @@ def _punch_hole(fd, offset, length):
 def open_writer(path, fmt, below=None):
     """A writer for a merge; the qcow2 writer's ordering points are crash
     points too, so fault injection lands inside its writes."""
-    if fmt == "raw":
-        return RawWriter(path)
+    if fmt in ("raw", "block"):
+        return RawWriter(path, block=fmt == "block")
     return Qcow2Writer(path, below=below, on_step=lambda step: crashpoint(f"write:{step}"))

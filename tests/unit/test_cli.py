@@ -92,7 +92,8 @@ def test_snapshot_list_json(tmp_path, store, image):
     snaps = json.loads(snapfs("snapshot", "list", store, "web", "--json").stdout)
     assert [s["name"] for s in snaps] == ["disk"]
     assert set(snaps[0]) == {"id", "name", "description", "created", "volumes",
-                           "consistency"}
+                           "consistency", "excluded"}
+    assert snaps[0]["excluded"] == {}
     assert "disk" in snapfs("snapshot", "list", store, "web").stdout
 
 
