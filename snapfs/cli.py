@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import __version__
-from .errors import SnapfsError
+from .errors import InvalidArgument, SnapfsError
 from .fs.mount_options import describe_accepted
 from .store.sizes import human
 from .store.store import Store
@@ -156,11 +156,16 @@ def build_parser():
     c.add_argument("vm")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_snapshot_list)
-    c = snap.add_parser("create", help="create a snapshot of all of a VM's disks")
+    c = snap.add_parser("create", help="create a snapshot of a VM's disks",
+                        description="Create a snapshot of every layered disk of the VM, or of "
+                        "those given with --disks (a disk left out keeps its active layer). "
+                        "Direct LUNs and shareable disks are never snapshotted.")
     c.add_argument("store")
     c.add_argument("vm")
     c.add_argument("name", nargs="?", help="default: the UTC time, e.g. 2026-11-27T08-15-30Z")
     c.add_argument("-d", "--description", default="")
+    c.add_argument("--disks", type=lambda v: [d for d in v.split(",") if d],
+                   metavar="DISK,...", help="the disks to include (default: all layered disks)")
     c.set_defaults(func=cmd_snapshot_op, op="create")
     c = snap.add_parser("delete", help="delete a snapshot by merging its layers away")
     c.add_argument("store")
@@ -173,10 +178,16 @@ def build_parser():
     c.add_argument("name")
     c.add_argument("new_name")
     c.set_defaults(func=cmd_snapshot_op, op="rename")
-    c = snap.add_parser("preview", help="make a snapshot's state active, keeping the current one")
+    c = snap.add_parser("preview", help="make a snapshot's state active, keeping the current one",
+                        description="Preview snapshot NAME: its state becomes active, the "
+                        "current one is kept as before-preview until commit or undo.  --disk "
+                        "DISK=OTHER takes DISK from snapshot OTHER instead (a custom preview); "
+                        "a disk NAME doesn't hold keeps its current state.")
     c.add_argument("store")
     c.add_argument("vm")
     c.add_argument("name")
+    c.add_argument("--disk", action="append", default=[], metavar="DISK=OTHER",
+                   help="preview DISK from snapshot OTHER (repeat for more disks)")
     c.set_defaults(func=cmd_snapshot_op, op="preview")
     for op, text in (("commit", "keep the previewed state; newer snapshots are deleted"),
                      ("undo", "drop the preview; the previous state is active again")):
@@ -383,7 +394,7 @@ def cmd_snapshot_op(args):
                            progress=_bar_updater(bar) if bar is not None else None)
         try:
             if args.op == "create":
-                snap = ops.create(args.name, args.description)
+                snap = ops.create(args.name, args.description, args.disks)
                 print(f"created snapshot {snap.name} of {args.vm}")
             elif args.op == "delete":
                 record = ops.delete(args.name)
@@ -394,7 +405,7 @@ def cmd_snapshot_op(args):
                 ops.rename(args.name, args.new_name)
                 print(f"renamed snapshot {args.name} of {args.vm} to {args.new_name}")
             elif args.op == "preview":
-                ops.preview(args.name)
+                ops.preview(args.name, _disk_sources(args.disk))
                 print(f"previewing snapshot {args.name} of {args.vm}: "
                       f"commit to keep it, undo to go back")
             else:
@@ -405,6 +416,17 @@ def cmd_snapshot_op(args):
                 bar.close()
     finally:
         store.release_lock()
+
+
+def _disk_sources(specs):
+    """--disk DISK=OTHER options -> {disk: snapshot name}."""
+    out = {}
+    for spec in specs:
+        disk, sep, other = spec.partition("=")
+        if not sep or not disk or not other or disk in out:
+            raise InvalidArgument(f"invalid --disk {spec!r}: use DISK=SNAPSHOT, once per disk")
+        out[disk] = other
+    return out
 
 
 def _bar_updater(bar):

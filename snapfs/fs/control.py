@@ -11,6 +11,8 @@ more commands (EINVAL for this and every later write): the rest of the
 line can not be told from a new command.
 """
 
+import json
+
 from ..errors import InvalidArgument
 
 MAX_COMMAND_BYTES = 4096
@@ -59,7 +61,12 @@ def decode(line):
 
 def parse(command, text):
     """(operation, arguments) of one command line of control file ``command``.
-    Raises InvalidArgument."""
+    ``create`` and ``preview`` also take a JSON object on the line:
+    ``{"name": ..., "description": ..., "disks": [...]}`` (a partial
+    snapshot) and ``{"snapshot": S, "disks": {DISK: OTHER, ...}}`` (a
+    custom preview).  Raises InvalidArgument."""
+    if command in ("create", "preview") and text.startswith("{"):
+        return command, _parse_json(command, text)
     if command == "create":
         name, _, description = text.partition(" ")
         return "create", (name or None, description.strip())
@@ -68,3 +75,32 @@ def parse(command, text):
             raise InvalidArgument(f"control/{command} needs a snapshot name")
         return command, (text,)
     return command, ()     # commit, undo: any text is ignored (``echo yes > commit``)
+
+
+_JSON_KEYS = {"create": {"name", "description", "disks"}, "preview": {"snapshot", "disks"}}
+
+
+def _parse_json(command, text):
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(f"control/{command}: not a JSON object: {e}") from None
+    if not isinstance(doc, dict) or set(doc) - _JSON_KEYS[command]:
+        raise InvalidArgument(f"control/{command}: a JSON object with keys "
+                              f"{sorted(_JSON_KEYS[command])}")
+    disks = doc.get("disks")
+    if command == "create":
+        name, description = doc.get("name"), doc.get("description", "")
+        if not (name is None or isinstance(name, str)) or not isinstance(description, str) \
+                or not (disks is None or isinstance(disks, list)
+                        and all(isinstance(d, str) for d in disks)):
+            raise InvalidArgument('control/create: "name" and "description" are strings, '
+                                  '"disks" a list of disk names')
+        return name or None, description, disks
+    snapshot = doc.get("snapshot")
+    if not isinstance(snapshot, str) or not snapshot or not (
+            disks is None or isinstance(disks, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in disks.items())):
+        raise InvalidArgument('control/preview: "snapshot" is a snapshot name, "disks" an '
+                              'object of disk: snapshot name')
+    return snapshot, disks

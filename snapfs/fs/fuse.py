@@ -110,6 +110,11 @@ class SnapfsOperations(pyfuse3.Operations):
             return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self._readers)
         except (SnapfsError, OSError) as e:
             raise _fuse_error(e) from None
+        except Exception:
+            # A bug: this request fails with EIO and the traceback goes to
+            # the log; the mount, and every other VM's files, stay up.
+            log.exception("internal error in %s", getattr(fn, "__qualname__", fn))
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     def _attrs(self, node):
         attr = pyfuse3.EntryAttributes()

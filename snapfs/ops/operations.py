@@ -71,23 +71,47 @@ def check_depth(m, parents):
     """Refuse, before anything is written, a layer on ``parents`` (disk ->
     volume) that would make a chain deeper than the store keeps: every
     load of the VM would fail after it."""
-    for disk in m.disks:
+    for disk in parents:
         depth = len(m.chain(parents[disk])) + 1
         if depth > MAX_CHAIN_DEPTH:
             raise ChainTooDeep(f"VM {m.name}: disk {disk} would have {depth} layers, more than "
                                f"the {MAX_CHAIN_DEPTH} snapfs keeps; delete a snapshot first")
 
 
-def refuse_create(m, name, description=""):
+def refuse_create(m, name, description="", disks=None):
     """Raise what creating snapshot ``name`` of the VM of manifest ``m``
-    would raise (EINVAL, EEXIST, EBUSY, EMLINK), writing nothing."""
+    (of ``disks``, or all its layered disks) would raise (EINVAL, EEXIST,
+    EBUSY, EMLINK), writing nothing."""
     check_snapshot_name(name)
     check_description(description)
+    chosen = chosen_disks(m, disks)
     if m.preview:
         raise Busy(f"VM {m.name} has a preview open; commit or undo it first")
     if m.snapshot(name):
         raise AlreadyExists(f"VM {m.name} already has a snapshot named {name!r}")
-    check_depth(m, m.active)
+    check_depth(m, {d: m.active[d] for d in chosen})
+
+
+def chosen_disks(m, disks=None):
+    """The layered disks a snapshot of ``m`` holds: ``disks`` (RHV's "disks
+    to include"), in the VM's order, or all.  Raises InvalidArgument for a
+    LUN or shareable disk (never snapshotted), an unknown disk, or none."""
+    if disks is None:
+        if not m.disks:
+            raise InvalidArgument(f"VM {m.name} has no disk that snapshots hold (its disks are "
+                                  f"direct LUNs or shareable)")
+        return list(m.disks)
+    disks = list(disks)
+    for disk in disks:
+        if disk in m.special:
+            raise InvalidArgument(f"VM {m.name}: disk {disk} is a "
+                                  f"{'direct LUN' if m.special[disk]['kind'] == 'lun' else 'shareable disk'}"
+                                  f", which snapshots never hold")
+        if disk not in m.disks:
+            raise InvalidArgument(f"VM {m.name} has no disk {disk!r}")
+    if not disks:
+        raise InvalidArgument(f"VM {m.name}: a snapshot must hold at least one disk")
+    return [d for d in m.disks if d in disks]
 
 
 class VmOperations:
@@ -158,19 +182,20 @@ class VmOperations:
             vol.close()
 
     def _new_overlays(self, m, parents, op):
-        """Record, then create and fsync, one overlay per disk on ``parents``."""
+        """Record, then create and fsync, one overlay on each of ``parents``
+        ({disk: volume}); -> {disk: new volume}."""
         check_depth(m, parents)
-        new = {disk: str(uuid.uuid4()) for disk in m.disks}
+        new = {disk: str(uuid.uuid4()) for disk in m.disks if disk in parents}
         m.operation = {"op": op, "new": new}
         self._save(m)
         crashpoint(f"{op}:recorded")
-        for disk in m.disks:
+        for disk in new:
             parent = parents[disk]
             create_image(self._path(new[disk]), self._volume_size(m, parent),
                          backing=parent, backing_format=m.volumes[parent]["format"])
             crashpoint(f"{op}:overlay")
         fsync_dir(self.store.vm_dir(self.vm))
-        for disk in m.disks:
+        for disk in new:
             m.volumes[new[disk]] = {"disk": disk, "format": "qcow2", "parent": parents[disk]}
         return new
 
@@ -186,22 +211,25 @@ class VmOperations:
 
     # -- operations ---------------------------------------------------------
 
-    def create(self, name=None, description=""):
+    def create(self, name=None, description="", disks=None):
+        """Snapshot ``disks`` (default: every layered disk); a disk left out
+        keeps its active leaf, with no new layer."""
         name = check_snapshot_name(name or default_snapshot_name())
         m = self._load()
-        refuse_create(m, name, description)
+        refuse_create(m, name, description, disks)
+        chosen = chosen_disks(m, disks)
         with running_qemu(self.store, m) as qemu:
             if qemu is not None:
-                with self.users.hold(m.disks):
-                    snap = self._create_live(m, name, description, qemu)
+                with self.users.hold(chosen):
+                    snap = self._create_live(m, name, description, qemu, chosen)
                 crashpoint("create:done")
                 return snap
-        self._refuse_if_in_use(m, m.active.values())
-        with self.users.hold(m.disks):
-            for vid in m.active.values():
+        old = {disk: m.active[disk] for disk in chosen}
+        self._refuse_if_in_use(m, old.values())
+        with self.users.hold(chosen):
+            for vid in old.values():
                 _fsync_file(self._path(vid))     # what the snapshot freezes is on disk
-            old = dict(m.active)
-            m.active = self._new_overlays(m, old, "create")
+            m.active.update(self._new_overlays(m, old, "create"))
             snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(), old)
             m.snapshots.append(snap)
             m.operation = None
@@ -210,14 +238,16 @@ class VmOperations:
         crashpoint("create:done")
         return snap
 
-    def _create_live(self, m, name, description, qemu):
-        """Steps 1-6 of a live create (see the module's docstring)."""
-        new = {disk: str(uuid.uuid4()) for disk in m.disks}
-        snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(), dict(m.active))
+    def _create_live(self, m, name, description, qemu, chosen):
+        """Steps 1-6 of a live create of disks ``chosen`` (see the module's
+        docstring)."""
+        new = {disk: str(uuid.uuid4()) for disk in chosen}
+        snap = Snapshot(str(uuid.uuid4()), name, description, utc_now(),
+                        {disk: m.active[disk] for disk in chosen})
         m.operation = {"op": "create", "live": "prepare", "new": new, "snapshot": snap.to_json()}
         self._save(m)
         crashpoint("create:recorded")
-        for disk in m.disks:
+        for disk in chosen:
             parent = m.active[disk]
             create_image(self._path(new[disk]), self._volume_size(m, parent),
                          backing=parent, backing_format=m.volumes[parent]["format"])
@@ -225,7 +255,7 @@ class VmOperations:
         fsync_dir(self.store.vm_dir(self.vm))
         try:
             tops = device_tops(self.store, m, qemu)
-            add_overlays(qemu, {new[d]: self._path(new[d]) for d in m.disks})
+            add_overlays(qemu, {new[d]: self._path(new[d]) for d in chosen})
         except BaseException:
             self._roll_back_live(m, qemu, new, added=False)
             raise
@@ -295,22 +325,49 @@ class VmOperations:
         while an active view is open for writing (RHV wants the VM down)."""
         self.users.refuse_if_open([active_write_use(d) for d in m.disks] + list(also), what)
 
-    def preview(self, name):
+    def preview(self, name, disks=None):
+        """Make snapshot ``name``'s state active (RHV's preview), keeping the
+        current one as before-preview.  ``disks`` ({disk: other snapshot})
+        takes those disks from other snapshots (RHV's custom preview).  A
+        disk that the snapshot taken for it doesn't hold keeps its current
+        state.  Every layered disk gets a new overlay, so that undo drops
+        what the preview wrote."""
         m = self._load()
         if m.preview:
             raise Busy(f"VM {self.vm} already has a preview open")
         snap = self._snapshot(m, name)
+        parents, custom = self._preview_sources(m, snap, disks or {})
         self._refuse_if_running(m, "previewing a snapshot")
         self._refuse_if_in_use(m, m.active.values())
         self._refuse_if_writers(m, what=f"previewing {name}")
         with self.users.hold(m.disks):
             before = dict(m.active)
-            m.active = self._new_overlays(m, snap.volumes, "preview")
+            m.active = self._new_overlays(m, parents, "preview")
             m.preview = {"snapshot": snap.id, "before": before}
+            if custom:
+                m.preview["disks"] = custom
             m.operation = None
             m.last_operation = {"op": "preview", "snapshot": name, "finished": utc_now()}
             self._save(m)
         crashpoint("preview:done")
+
+    def _preview_sources(self, m, snap, disks):
+        """({disk: the volume its preview overlay goes on}, {disk: id of the
+        other snapshot it comes from}) for a preview of ``snap`` with
+        ``disks`` ({disk: other snapshot name}) taken from others."""
+        parents = dict(m.active)
+        parents.update(snap.volumes)
+        custom = {}
+        for disk, other_name in disks.items():
+            if disk not in m.disks:
+                chosen_disks(m, [disk])            # says why: a LUN, shareable, unknown
+            other = self._snapshot(m, other_name)
+            if disk not in other.volumes:
+                raise InvalidArgument(f"VM {self.vm}: snapshot {other_name} does not hold "
+                                      f"disk {disk}")
+            parents[disk] = other.volumes[disk]
+            custom[disk] = other.id
+        return parents, custom
 
     def commit(self):
         """Keep the preview: snapshots newer than it and the old leaves go."""

@@ -78,7 +78,7 @@ def switch_to_live_overlays(m, save, consistency, frozen_seconds=None):
     old = snap["volumes"]
     for disk, vid in op["new"].items():
         m.volumes[vid] = {"disk": disk, "format": "qcow2", "parent": old[disk]}
-    m.active = dict(op["new"])
+    m.active.update(op["new"])          # a partial snapshot's other disks keep theirs
     created = Snapshot(snap["id"], snap["name"], snap["description"], snap["created"],
                        dict(old), consistency)
     m.snapshots.append(created)
