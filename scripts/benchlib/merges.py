@@ -79,7 +79,7 @@ def log(msg):
 
 # -- inputs --------------------------------------------------------------------
 
-def _extents(rng, slots, min_len=CLUSTER, max_len=SLOT):
+def extents(rng, slots, min_len=CLUSTER, max_len=SLOT):
     """One extent per slot: (guest offset, length, pattern byte), shuffled."""
     out = []
     for s in slots:
@@ -96,19 +96,19 @@ def layouts(scenario, disk_size, moved):
     nslots = disk_size // SLOT
     slots = list(range(nslots))
     count = max(1, moved // ((CLUSTER + SLOT) // 2))
-    base = _extents(rng, rng.sample(slots, nslots // 32))
-    top = _extents(rng, rng.sample(slots, max(1, nslots // 64)), max_len=256 << 10)
+    base = extents(rng, rng.sample(slots, nslots // 32))
+    top = extents(rng, rng.sample(slots, max(1, nslots // 64)), max_len=256 << 10)
     if scenario == "similar":
         if 2 * count > nslots:
             raise SystemExit(f"bench merges: {moved} bytes do not fit twice in {disk_size}")
         picked = rng.sample(slots, 2 * count)
-        b, c = _extents(rng, picked[:count]), _extents(rng, picked[count:])
+        b, c = extents(rng, picked[:count]), extents(rng, picked[count:])
         if sum(e[1] for e in c) > sum(e[1] for e in b):
             b, c = c, b                    # b a little bigger: snapfs commits c
     else:
-        c = _extents(rng, rng.sample(slots, count))
+        c = extents(rng, rng.sample(slots, count))
         b, room = [], sum(e[1] for e in c) * 19 // 100
-        for e in _extents(rng, rng.sample(slots, count // 3)):
+        for e in extents(rng, rng.sample(slots, count // 3)):
             if e[1] <= room:
                 b.append(e)
                 room -= e[1]
@@ -132,19 +132,22 @@ def expected_view(layers):
     return [(a * CLUSTER, b * CLUSTER, p) for a, b, p in out]
 
 
-def _write_layer(path, size, parent, extents):
+def write_layer(path, size, parent, written):
+    """A qcow2 layer over ``parent`` (``parent``.qcow2 in the same
+    directory; None for a base) that holds the ``written`` extents (as
+    ``extents`` gives them), written with qemu-io."""
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}"]
     if parent:
         cmd += ["-b", f"{parent}.qcow2", "-F", "qcow2"]
     run(*cmd, path, size)
-    cmds = "".join(f"write -q -P {pat} {off} {n}\n" for off, n, pat in extents)
+    cmds = "".join(f"write -q -P {pat} {off} {n}\n" for off, n, pat in written)
     r = subprocess.run(["qemu-io", "-f", "qcow2", str(path)], input=cmds,
                        capture_output=True, text=True)
     if r.returncode != 0 or "error" in r.stdout.lower():
         raise SystemExit(f"bench merges: qemu-io writing {path} failed:\n{r.stdout}{r.stderr}")
 
 
-def _own_bytes(path):
+def own_bytes(path):
     """Data bytes an image holds itself (not its backing), per qemu-img map."""
     out = run("qemu-img", "map", "--output=json", "-f", "qcow2", path).stdout
     return sum(e["length"] for e in json.loads(out) if e["depth"] == 0 and e["data"])
@@ -166,7 +169,7 @@ def build(work, scenario, disk_size, moved):
     layers = layouts(scenario, disk_size, moved)
     parent = None
     for layer in LAYERS:
-        _write_layer(images / f"{layer}.qcow2", disk_size, parent, layers[layer])
+        write_layer(images / f"{layer}.qcow2", disk_size, parent, layers[layer])
         parent = layer
     store = d / "store"
     env = snapfs_env(work)
@@ -179,7 +182,7 @@ def build(work, scenario, disk_size, moved):
     names = {s["name"]: s["volumes"]["sda"] for s in m["snapshots"]}
     if sorted(names) != ["b", "base", "c"]:
         raise SystemExit(f"bench merges: unexpected snapshots {sorted(names)}")
-    own = {layer: _own_bytes(images / f"{layer}.qcow2") for layer in LAYERS}
+    own = {layer: own_bytes(images / f"{layer}.qcow2") for layer in LAYERS}
     log(f"{scenario}: disk {disk_size / GiB:g} GiB; own data " +
         ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in own.items()))
     if scenario == "small-b" and own["b"] > own["c"] // 5:
