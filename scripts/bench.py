@@ -8,7 +8,8 @@ alternating which goes first run by run, and prints a table of medians and
 the ratio snapfs/reference.  Machines here are noisy: only ratios from the
 same run mean anything.  Needs root (mounts, drop_caches); for the reads
 and writes groups, installs qemu-system-common (qemu-storage-daemon) if it
-is missing.
+is missing; the live group needs what scripts/setup.sh installs for the
+tests of running VMs (qemu-system-x86_64).
 
 Groups and the measures in them (numbers follow the benchmark issue):
   reads   1 sequential read, cold and warm        vs  QSD FUSE export
@@ -22,6 +23,9 @@ Groups and the measures in them (numbers follow the benchmark issue):
           9 RSS reading every view of a 1 TiB sparse 20-layer disk
   depth  10 newest view of a 200-deep chain: reads and time to first byte,
             and snapshot create (CLI)         vs  the same view as a 4-deep chain
+  live   11 live snapshot of a booted 4-disk VM (CLI), with and without
+            the guest agent, and how long the guest stays frozen
+         12 live merge, QEMU running              vs  qemu-img commit, offline
 """
 
 import argparse
@@ -37,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib.common import run  # noqa: E402
 
-GROUPS = ("reads", "writes", "merges", "create", "scale", "depth")
+GROUPS = ("reads", "writes", "merges", "create", "scale", "depth", "live")
 # Groups whose reference is qemu-storage-daemon.
 QSD_GROUPS = {"reads", "writes"}
 
