@@ -17,8 +17,8 @@ goes first, the guest writing for 0.5 s before each.  Measured:
   filesystems frozen through the switch) and without (crash-consistent),
   so that the cost of the freeze shows;
 - how long the guest stayed frozen: ``frozen_seconds`` of the manifest's
-  ``last_operation``, from the agent's answer to the freeze to its answer
-  to the thaw.  Target: under 10 s, the longest snapfs lets a guest stay
+  ``last_operation``, from asking the freeze (the guest syncs, then
+  freezes its filesystems one by one) to the agent's answer to the thaw.  Target: under 10 s, the longest snapfs lets a guest stay
   frozen (a timer thaws it then, and the snapshot is only
   crash-consistent) and the longest Windows' VSS holds writes, which
   qemu-ga's VSS requester works within.
@@ -172,7 +172,7 @@ def measure_snapshots(work, runs, env, guest):
     return [
         Row("11", f"live snapshot (CLI), {shape}, agent attached: frozen", "ms",
             median(times[True]), None, "-", "-", None),
-        value_row("11", "guest frozen during that snapshot (agent's freeze to thaw answer)",
+        value_row("11", "guest frozen during that snapshot (freeze asked to thaw answered)",
                   "ms", median(frozen), MAX_FREEZE * 1000),
         Row("11", f"live snapshot (CLI), {shape}, no agent: crash-consistent", "ms",
             median(times[False]), None, "-", "-", None),

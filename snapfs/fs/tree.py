@@ -115,9 +115,11 @@ class Tree:
         snapshots = {s.id: s for s in vm.manifest.snapshots}
         for snapshot_id, views in list(vm.snapshot_views.items()):
             snap = snapshots.get(snapshot_id)
-            for disk, view in views.items():
-                if snap is None:
+            for disk, view in list(views.items()):
+                if snap is None or disk not in snap.volumes:
+                    # Gone, or the disk given up by a custom preview's commit.
                     view.release()
+                    del views[disk]
                     continue
                 refs = self.listings.chain_refs(vm, snap.volumes[disk])
                 if refs != view.refs or _touches(refs, changed):

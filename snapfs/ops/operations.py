@@ -379,15 +379,24 @@ class VmOperations:
         index = next(i for i, s in enumerate(m.snapshots) if s.id == m.preview["snapshot"])
         name = m.snapshots[index].name
         newer = m.snapshots[index + 1:]
-        self._refuse_if_writers(m, [BEFORE_PREVIEW_USE] + [snapshot_use(s.id) for s in newer],
+        kept = m.snapshots[:index + 1]
+        cut = _cut_branches(m, kept)
+        gone = newer + [s for s in kept if s.volumes.keys() <= cut.get(s.id, set())]
+        self._refuse_if_writers(m, [BEFORE_PREVIEW_USE] + [snapshot_use(s.id) for s in newer]
+                                + [snapshot_use(sid) for sid in cut],
                                 what="committing the preview")
-        m.snapshots = m.snapshots[:index + 1]
+        for snap in kept:
+            for disk in cut.get(snap.id, ()):
+                del snap.volumes[disk]
+        m.snapshots = [s for s in kept if s.volumes]
         m.preview = None
         doomed = set(m.volumes) - m.used_volumes()
+        record = {"op": "commit", "snapshot": name, "deleted_snapshots": [s.name for s in gone],
+                  "finished": utc_now()}
+        if cut:
+            record["disks_dropped"] = {s.name: sorted(cut[s.id]) for s in kept if s.id in cut}
         with self.users.hold(m.disks):
-            self._drop_volumes(m, "commit", doomed, {"op": "commit", "snapshot": name,
-                                                     "deleted_snapshots": [s.name for s in newer],
-                                                     "finished": utc_now()})
+            self._drop_volumes(m, "commit", doomed, record)
 
     def undo(self):
         """End the preview: the previous active leaves are active again."""
@@ -420,7 +429,8 @@ class VmOperations:
         live = self._runs_live(m)
         pool = VolumePool()
         try:
-            plans = [plan_merge(self.store, m, disk, snap.volumes[disk], pool) for disk in m.disks]
+            plans = [plan_merge(self.store, m, disk, snap.volumes[disk], pool)
+                     for disk in m.disks if disk in snap.volumes]     # all, or those held
         finally:
             pool.close()
         if not live:
@@ -448,6 +458,23 @@ class VmOperations:
             return finish_live_delete(self.store, m, plans, self.progress, self._save,
                                       self.users)
         return finish_delete(self.store, m, plans, self.progress, self._save, self.users)
+
+
+def _cut_branches(m, kept):
+    """{snapshot id: disks it stops holding} when a custom preview is
+    committed.  A disk previewed from an older snapshot OTHER grows from
+    OTHER's volume, beside the layers that later snapshots hold of it;
+    those later layers are given up, as RHV does, so that every disk stays
+    one chain (a merge needs one child).  A kept snapshot whose disks are
+    all given up goes too."""
+    cut = {}
+    for disk in (m.preview or {}).get("disks", {}):
+        base = m.volumes[m.active[disk]]["parent"]      # OTHER's volume of the disk
+        for snap in kept:
+            vid = snap.volumes.get(disk)
+            if vid is not None and vid != base and base in m.chain(vid):
+                cut.setdefault(snap.id, set()).add(disk)
+    return cut
 
 
 def _fsync_file(path):

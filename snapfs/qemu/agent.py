@@ -168,9 +168,9 @@ class Freeze:
     """What ``frozen_guest`` did: ``consistency`` is "frozen" only if the
     guest's filesystems were frozen from before the switch until
     ``switched()`` was called; else "crash", and ``reason`` says why.
-    ``frozen_seconds`` is how long the guest stayed frozen, from the
-    freeze's answer to the thaw's (None if it never froze): what its users
-    felt, and what VDSM logs too."""
+    ``frozen_seconds`` is how long the guest's writes could stall: from
+    asking the freeze (the guest syncs, then freezes its filesystems one by
+    one) to the thaw's answer; None if it never froze."""
 
     def __init__(self):
         self.consistency = "crash"
@@ -210,9 +210,10 @@ def frozen_guest(agent_path, max_freeze=MAX_FREEZE, timeout=None):
             agent.open()
             agent.ping()          # nobody there: don't leave a freeze queued in the pipe
             sent = True
+            asked = time.monotonic()
             agent.execute("guest-fsfreeze-freeze")
             state._frozen = True
-            state._frozen_at = time.monotonic()
+            state._frozen_at = asked
             timer = threading.Timer(max_freeze, _thaw, (agent, state, "timer"))
             timer.daemon = True
             timer.start()

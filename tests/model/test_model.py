@@ -2,9 +2,11 @@
 
 A hypothesis state machine drives one mounted VM (two blank disks of
 different sizes) through random writes to the active disks and random
-snapshot operations -- create (touch / mkdir / control/create), delete
-(rmdir / control/delete), rename (mv), preview, commit and undo -- all
-through the filesystem, never the CLI.  A plain-Python model predicts the
+snapshot operations -- create (touch / mkdir / control/create, and partial
+snapshots of some disks through control/create's JSON form), delete
+(rmdir / control/delete), rename (mv), preview (plain, and custom: disks
+taken from other snapshots), commit and undo -- all through the
+filesystem, never the CLI.  A plain-Python model predicts the
 outcome (including the errno of every refusal), and after each step every
 view of the mount must read exactly the model's bytes.  At the end the
 store is unmounted, every qcow2 volume must pass ``qemu-img check`` and
@@ -309,10 +311,21 @@ class SnapfsModel(RuleBasedStateMachine):
     def create_by_control(self, name, description, then_write):
         self._create(name, "control", description, then_write)
 
-    def _create(self, name, how, description, then_write):
+    @rule(name=st.sampled_from(NAMES), disks=st.sampled_from([["sda"], ["sdb"], ["sda", "sdb"]]),
+          then_write=then_writes)
+    @_tracked
+    def create_partial(self, name, disks, then_write):
+        """RHV's "disks to include": the JSON form of control/create."""
+        self._create(name, "control-json", "", then_write, disks)
+
+    def _create(self, name, how, description, then_write, disks=None):
         path = self.snapdir / name
         exists = name in self.snaps
-        if how == "control":
+        if how == "control-json":
+            expected = errno.EBUSY if self.open_preview else errno.EEXIST if exists else None
+            text = json.dumps({"name": name, "disks": disks})
+            action = lambda: _control(self.mnt, "create", text)  # noqa: E731
+        elif how == "control":
             # The operation itself decides: a preview is checked first.
             expected = errno.EBUSY if self.open_preview else errno.EEXIST if exists else None
             text = f"{name} {description}" if description else name
@@ -330,10 +343,12 @@ class SnapfsModel(RuleBasedStateMachine):
                 action = lambda: _touch(path, exclusive=how == "touch-excl")  # noqa: E731
         _attempt(expected, action, f"create {name!r} by {how}")
         if expected is None:
-            self.snaps[name] = {"data": self._copy_active(), "description": description}
+            data = {d: b for d, b in self._copy_active().items() if disks is None or d in disks}
+            self.snaps[name] = {"data": data, "description": description}
             self.order.append(name)
             self._write_at_once(then_write)
-        self._count("create" if expected is None else "create refused")
+        what = "create" if disks is None or len(disks) == len(DISKS) else "partial create"
+        self._count(what if expected is None else f"{what} refused")
 
     @rule(name=st.sampled_from(NAMES), then_write=then_writes)
     @_tracked
@@ -425,6 +440,9 @@ class SnapfsModel(RuleBasedStateMachine):
             self.order[self.order.index(old)] = new
             if self.open_preview and self.open_preview["name"] == old:
                 self.open_preview["name"] = new
+            if self.open_preview:
+                sources = self.open_preview["sources"]
+                sources.update({d: new for d, o in sources.items() if o == old})
         self._count("rename" if expected is None else "rename refused")
 
     @rule(name=st.sampled_from(NAMES), then_write=then_writes)
@@ -432,15 +450,36 @@ class SnapfsModel(RuleBasedStateMachine):
     def preview(self, name, then_write):
         self._preview(name, then_write)
 
-    def _preview(self, name, then_write):
-        known = name in self.snaps
-        expected = errno.EBUSY if self.open_preview else None if known else errno.ENOENT
-        _attempt(expected, lambda: _control(self.mnt, "preview", name), f"preview {name!r}")
+    @rule(name=st.sampled_from(NAMES), sources=st.dictionaries(
+        st.sampled_from(sorted(DISKS)), st.sampled_from(NAMES), min_size=1),
+        then_write=then_writes)
+    @_tracked
+    def custom_preview(self, name, sources, then_write):
+        """RHV's custom preview: some disks from other snapshots."""
+        self._preview(name, then_write, sources)
+
+    def _preview(self, name, then_write, sources=None):
+        if self.open_preview:
+            expected = errno.EBUSY
+        elif name not in self.snaps or any(o not in self.snaps for o in (sources or {}).values()):
+            expected = errno.ENOENT
+        elif any(d not in self.snaps[o]["data"] for d, o in (sources or {}).items()):
+            expected = errno.EINVAL         # that snapshot does not hold the disk
+        else:
+            expected = None
+        text = json.dumps({"snapshot": name, "disks": sources}) if sources else name
+        _attempt(expected, lambda: _control(self.mnt, "preview", text), f"preview {text!r}")
         if expected is None:
-            self.open_preview = {"name": name, "before": self._copy_active()}
-            self.active = {d: bytearray(b) for d, b in self.snaps[name]["data"].items()}
+            self.open_preview = {"name": name, "before": self._copy_active(),
+                                 "sources": dict(sources or {})}
+            # A disk the snapshot doesn't hold keeps its current state.
+            for d, data in self.snaps[name]["data"].items():
+                self.active[d] = bytearray(data)
+            for d, other in (sources or {}).items():
+                self.active[d] = bytearray(self.snaps[other]["data"][d])
             self._write_at_once(then_write)
-        self._count("preview" if expected is None else "preview refused")
+        what = "custom preview" if sources else "preview"
+        self._count(what if expected is None else f"{what} refused")
 
     @precondition(lambda self: self.open_preview is None)
     @rule(command=st.sampled_from(["commit", "undo"]), text=st.sampled_from(["", "yes"]))
@@ -460,6 +499,17 @@ class SnapfsModel(RuleBasedStateMachine):
         for name in self.order[index + 1:]:
             del self.snaps[name]
         del self.order[index + 1:]
+        # A disk previewed from an older snapshot OTHER goes on from OTHER's
+        # state: the kept snapshots after OTHER give that disk up (RHV),
+        # and one left with no disk goes.
+        for d, other in self.open_preview["sources"].items():
+            if other in self.order:
+                for name in self.order[self.order.index(other) + 1:]:
+                    self.snaps[name]["data"].pop(d, None)
+                    if not self.snaps[name]["data"]:
+                        del self.snaps[name]
+                        self._count("snapshot dropped by a custom commit")
+                self.order = [n for n in self.order if n in self.snaps]
         self.open_preview = None
         self._write_at_once(then_write)
         self._count("commit")
@@ -509,14 +559,16 @@ class SnapfsModel(RuleBasedStateMachine):
         disk_files = sorted(f"{d}.raw" for d in DISKS)
         for name in self.order:
             sdir = vm / "snapshots" / name
+            held = self.snaps[name]["data"]
             assert stat.S_ISDIR(os.stat(sdir).st_mode), f"snapshots/{name} is not a directory"
-            assert _disk_names(os.listdir(sdir)) == sorted(disk_files + ["snapshot.json"])
+            assert _disk_names(os.listdir(sdir)) == sorted([f"{d}.raw" for d in held]
+                                                           + ["snapshot.json"]), name
             doc = json.loads(_read_file(sdir / "snapshot.json"))
             assert doc["name"] == name, f"snapshots/{name}/snapshot.json names {doc['name']!r}"
             assert doc["description"] == self.snaps[name]["description"]
-            for d in DISKS:
-                self._check_view(sdir / f"{d}.raw", self.snaps[name]["data"][d],
-                                 f"snapshots/{name}/{d}.raw")
+            assert doc["excluded"] == {d: "not selected" for d in DISKS if d not in held}, doc
+            for d in held:
+                self._check_view(sdir / f"{d}.raw", held[d], f"snapshots/{name}/{d}.raw")
 
         assert _disk_names(os.listdir(vm / "active")) == disk_files
         for d in DISKS:
@@ -543,13 +595,27 @@ class SnapfsModel(RuleBasedStateMachine):
         return sorted(n for n in os.listdir(vm_dir) if UUID_RE.match(n))
 
     def check_volume_files(self):
-        # One volume per disk for each snapshot and for the active state,
-        # plus the previous active leaves while a preview is open: nothing
-        # leaks and nothing is lost.
-        layers = len(self.order) + 1 + (1 if self.open_preview else 0)
+        """Nothing leaks and nothing is lost: the files are the manifest's
+        volumes, each on the chain of a snapshot, an active leaf or a
+        before-preview leaf; and one volume per held disk of each snapshot,
+        per disk for the active state and (while a preview is open) for
+        before-preview, plus the layers that a snapshot not holding a disk
+        left under the next preview."""
+        m = json.loads((self.store / "vms" / "vm" / "manifest.json").read_text())
         files = self._volume_files()
-        assert len(files) == layers * len(DISKS), \
-            f"{len(files)} volume files, expected {layers * len(DISKS)}: {files}"
+        assert files == sorted(m["volumes"]), f"files {files} vs manifest {sorted(m['volumes'])}"
+        tops = list(m["active"].values()) + [v for s in m["snapshots"]
+                                             for v in s["volumes"].values()]
+        tops += list(m["preview"]["before"].values()) if m["preview"] else []
+        used = set()
+        for vid in tops:
+            while vid is not None and vid not in used:
+                used.add(vid)
+                vid = m["volumes"][vid]["parent"]
+        assert used == set(m["volumes"]), f"unused volumes {set(m['volumes']) - used}"
+        held = sum(len(self.snaps[n]["data"]) for n in self.order)
+        least = held + len(DISKS) * (2 if self.open_preview else 1)
+        assert len(files) >= least, f"{len(files)} volume files, at least {least} expected"
 
     # -- the end: the store as QEMU and `snapfs check` see it, and a remount --
 
@@ -589,7 +655,8 @@ class SnapfsModel(RuleBasedStateMachine):
             views = {f"active/{d}": (manifest["active"][d], bytes(self.active[d]))
                      for d in DISKS}
             for snap in manifest["snapshots"]:
-                for d in DISKS:
+                assert set(snap["volumes"]) == set(self.snaps[snap["name"]]["data"]), snap
+                for d in snap["volumes"]:
                     views[f"snapshots/{snap['name']}/{d}"] = (
                         snap["volumes"][d], self.snaps[snap["name"]]["data"][d])
             if self.open_preview:
