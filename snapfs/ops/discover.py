@@ -3,7 +3,10 @@
 Used only when importing: inside the store, the manifest names every
 volume's parent and format.  A backing name must stay inside the top
 image's directory: absolute names, '..' and symlinks that lead out are
-refused, as are loops and chains deeper than MAX_IMPORT_DEPTH.
+refused, as are loops and chains deeper than MAX_IMPORT_DEPTH.  Images
+made by libvirt name their backing files by absolute path: for those the
+caller lists the files its metadata names (``listed``), and an absolute
+name is followed if it stays inside the directory or is one of them.
 """
 
 import os
@@ -53,8 +56,16 @@ def detect_format(path):
     return "raw"
 
 
-def discover_chain(top, top_format=None):
-    """Layers from the base up to ``top``.  Raises ImageError subclasses."""
+def discover_chain(top, top_format=None, listed=None):
+    """Layers from the base up to ``top``.  Raises ImageError subclasses.
+
+    ``listed`` (None: refuse absolute backing names) maps the real paths of
+    the backing files that the caller's metadata names, a libvirt domain's
+    ``<backingStore>`` chain, to their format or None.  With it, an absolute
+    backing name is followed when it leads inside the top image's directory
+    or to one of those files, and a backing format that an image does not
+    record is taken from there.
+    """
     top = os.path.abspath(top)
     if top_format is None:
         top_format = detect_format(top)
@@ -89,29 +100,39 @@ def discover_chain(top, top_format=None):
             vol.close()
         if not backing:
             break
+        if backing_fmt is None and listed:
+            backing_fmt = listed.get(
+                os.path.realpath(_resolve_backing(path, backing, directory, listed)))
         if backing_fmt not in ("raw", "qcow2"):
             raise ImageError(path, f"backing format of {backing!r} is not recorded "
                                    f"(set it with: qemu-img rebase -u -b {backing} -F qcow2|raw)"
                              if backing_fmt is None else
                              f"unsupported backing format {backing_fmt!r}")
-        path = _resolve_backing(path, backing, directory)
+        path = _resolve_backing(path, backing, directory, listed)
         fmt = backing_fmt
     layers.reverse()
     return layers
 
 
-def _resolve_backing(image, name, directory):
+def _resolve_backing(image, name, directory, listed=None):
     if ":" in name:
         # QEMU reads "json:{...}", "nbd:..." and the like as protocols, not files.
         raise UnsafeBacking(image, f"backing name {name!r} contains ':' (a protocol, not a file)")
-    if os.path.isabs(name):
+    if os.path.isabs(name) and listed is not None:
+        candidate = name
+        real = os.path.realpath(candidate)
+        if os.path.commonpath([real, directory]) != directory and real not in listed:
+            raise UnsafeBacking(image, f"backing name {name!r} is outside {directory} and not "
+                                       f"in the chain the domain XML lists")
+    elif os.path.isabs(name):
         raise UnsafeBacking(image, f"backing name {name!r} is absolute")
-    if ".." in name.split("/"):
+    elif ".." in name.split("/"):
         raise UnsafeBacking(image, f"backing name {name!r} leaves the image directory")
-    candidate = os.path.join(os.path.dirname(image), name)
-    real = os.path.realpath(candidate)
-    if os.path.commonpath([real, directory]) != directory:
-        raise UnsafeBacking(image, f"backing name {name!r} resolves outside {directory}")
+    else:
+        candidate = os.path.join(os.path.dirname(image), name)
+        real = os.path.realpath(candidate)
+        if os.path.commonpath([real, directory]) != directory:
+            raise UnsafeBacking(image, f"backing name {name!r} resolves outside {directory}")
     if not os.path.exists(real):
         raise ImageError(image, f"backing file {name!r} does not exist")
     return candidate
