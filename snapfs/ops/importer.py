@@ -9,6 +9,10 @@ so that no volume keeps a snapshot table.  A raw image becomes a read-only
 base volume (a snapshot) with an empty overlay on top.  Blank disks get
 empty layers so that every snapshot has a volume for every disk.
 
+A caller with snapshot metadata of its own (libvirt's, ``libvirt_import``)
+lays the snapshots out itself instead (``PlannedSnapshot``): each holds an
+entry of the history of some disks, so chains may differ in length.
+
 The VM is assembled in a hidden staging directory and renamed into place
 with its manifest, so a failed or interrupted import leaves no VM behind.
 Like every store file, the volumes are 0600 (moved images are chmodded,
@@ -60,6 +64,17 @@ class DiskSource:
         return any(layer.internal_snapshots for layer in self.layers or ())
 
 
+@dataclass
+class PlannedSnapshot:
+    """A snapshot laid out by the caller: ``states`` maps each disk it holds
+    to an index into that disk's ``DiskSource.history``."""
+    name: str
+    description: str
+    created: str          # ISO-8601 UTC, as Snapshot.created
+    states: dict
+    consistency: str = "offline"
+
+
 def parse_disk_spec(spec):
     """'NAME=SIZE' or 'NAME=PATH' -> DiskSource.  Raises InvalidArgument/ImageError."""
     name, sep, value = spec.partition("=")
@@ -82,32 +97,36 @@ def _mtime_utc(path):
 
 
 def _snapshot_names(sources, count):
-    """Names from the first imaged disk: its internal snapshots' names, its
-    layer files' names; made unique.  A name snapfs refuses (empty, '/', a
-    control character, a leading '.', 'latest'...) becomes 'internal-ID'
-    (the snapshot's ID in its image) or 'layerN'; a name already taken gets
-    '-2', '-3'..."""
+    """Names from the first imaged disk (``generated_name``), made unique."""
     imaged = [s for s in sources if s.layers]
-    states = imaged[0].history if imaged else []
     names = []
     for i in range(count):
-        if not imaged:
-            stem = f"snap{i}"
-        elif states[i].snapshot is not None:
-            stem = _internal_name(states[i].snapshot)
-        else:
-            stem = os.path.basename(states[i].layer.path).split(".")[0]
-            try:
-                check_snapshot_name(stem)
-            except SnapfsError:
-                stem = f"layer{i}"
-        name = stem
-        n = 2
-        while name in names:
-            name = f"{stem}-{n}"
-            n += 1
-        names.append(name)
+        stem = generated_name(imaged[0].history[i], i) if imaged else f"snap{i}"
+        names.append(unique_name(stem, names))
     return names
+
+
+def generated_name(state, i):
+    """The name of snapshot ``i`` made of ``state``: its internal snapshot's
+    name, or its layer file's name up to the first dot.  A name snapfs
+    refuses (empty, '/', a control character, a leading '.', 'latest'...)
+    becomes 'internal-ID' (the snapshot's ID in its image) or 'layerN'."""
+    if state.snapshot is not None:
+        return _internal_name(state.snapshot)
+    stem = os.path.basename(state.layer.path).split(".")[0]
+    try:
+        return check_snapshot_name(stem)
+    except SnapfsError:
+        return f"layer{i}"
+
+
+def unique_name(stem, taken):
+    """``stem``, or with '-2', '-3'... if ``taken`` has it."""
+    name, n = stem, 2
+    while name in taken:
+        name = f"{stem}-{n}"
+        n += 1
+    return name
 
 
 def _internal_name(snapshot):
@@ -117,7 +136,7 @@ def _internal_name(snapshot):
         return f"internal-{snapshot.id}"
 
 
-def _description(states):
+def describe_origin(states):
     """Where a snapshot came from (``states``: its entry in each imaged
     disk's history), as one line of text."""
     state = states[0]
@@ -135,7 +154,9 @@ def _description(states):
         return check_description(ascii(text)[1:-1][:1000])
 
 
-def _created(state):
+def created_at(state):
+    """When ``state`` was made: its internal snapshot's date, or its layer
+    file's mtime (read it before a --move)."""
     if state.snapshot is not None:
         return state.snapshot.date.strftime("%Y-%m-%dT%H:%M:%SZ")
     return _mtime_utc(state.layer.path)
@@ -171,6 +192,36 @@ def _check_snapshot_lists(sources):
                               "belongs to snapshot i")
 
 
+def _check_plan(sources, planned):
+    """Each entry of an imaged disk's history but the active one belongs to
+    exactly one planned snapshot, in the disk's order; names are valid and
+    unique.  Raises InvalidArgument (InvalidName, AlreadyExists)."""
+    by_name = {s.name: s for s in sources}
+    held = {s.name: [] for s in sources if s.layers}
+    names = set()
+    for p in planned:
+        check_snapshot_name(p.name)
+        check_description(p.description)
+        if p.consistency not in M.CONSISTENCIES:
+            raise InvalidArgument(f"snapshot {p.name!r}: unknown consistency {p.consistency!r}")
+        if p.name in names:
+            raise AlreadyExists(f"two snapshots are named {p.name!r}")
+        names.add(p.name)
+        if not p.states:
+            raise InvalidArgument(f"snapshot {p.name!r} holds no disk")
+        for disk, i in p.states.items():
+            src = by_name.get(disk)
+            if src is None or not src.layers or not 0 <= i < src.snapshot_count:
+                raise InvalidArgument(f"snapshot {p.name!r}: disk {disk!r} has no layer {i} "
+                                      "below its active one")
+            held[disk].append(i)
+    for disk, got in held.items():
+        if got != list(range(by_name[disk].snapshot_count)):
+            raise InvalidArgument(f"disk {disk}: the snapshots must hold each of its "
+                                  f"{by_name[disk].snapshot_count} layers below the active "
+                                  f"one once, oldest first (they hold {got})")
+
+
 def _check_depth(sources):
     for src in sources:
         if src.layers is None:
@@ -183,11 +234,14 @@ def _check_depth(sources):
 
 
 def add_vm(store, vm_name, specs, move=False, progress=None, luns=(), shareables=(),
-           order=None):
-    """Create VM ``vm_name`` in ``store`` from ``specs`` ('NAME=SIZE|PATH'),
-    direct LUNs ``luns`` ('NAME=/dev/X') and shareable disks
-    ``shareables`` ('NAME=PATH' to import, 'NAME' to attach the store's).
-    The disks come in ``order`` (names), or layered, LUNs, shareable.
+           order=None, planned=None):
+    """Create VM ``vm_name`` in ``store`` from ``specs`` ('NAME=SIZE|PATH',
+    or a DiskSource already discovered), direct LUNs ``luns``
+    ('NAME=/dev/X') and shareable disks ``shareables`` ('NAME=PATH' to
+    import, 'NAME' to attach the store's).  The disks come in ``order``
+    (names), or layered, LUNs, shareable.  ``planned`` (PlannedSnapshots,
+    oldest first) replaces the rule that snapshot i is entry i of every
+    disk's history; a blank disk then gets one volume, held by none.
 
     The caller holds the store lock.  Returns the new Manifest.
     """
@@ -196,7 +250,7 @@ def add_vm(store, vm_name, specs, move=False, progress=None, luns=(), shareables
         raise AlreadyExists(f"VM {vm_name!r} already exists in {store.path}")
     if not (specs or luns or shareables):
         raise InvalidArgument("a VM needs at least one --disk, --lun or --shareable")
-    sources = [parse_disk_spec(s) for s in specs]
+    sources = [s if isinstance(s, DiskSource) else parse_disk_spec(s) for s in specs]
     special = dict(parse_lun(spec) for spec in luns)
     shared = [SharedImport(store, spec) for spec in shareables]
     special.update((s.name, s.record) for s in shared)
@@ -205,16 +259,22 @@ def add_vm(store, vm_name, specs, move=False, progress=None, luns=(), shareables
         raise AlreadyExists("duplicate disk names")
     if order is not None and sorted(order) != sorted(disk_names):
         raise InvalidArgument(f"disk order {order} does not name the disks {disk_names}")
-    _check_snapshot_lists(sources)
+    if order is not None:
+        sources.sort(key=lambda s: order.index(s.name))
+    if planned is None:
+        _check_snapshot_lists(sources)
+        count = max((s.snapshot_count for s in sources if s.layers is not None), default=0)
+    else:
+        _check_plan(sources, planned)
+        count = 0
     _check_depth(sources)
-    count = max((s.snapshot_count for s in sources if s.layers is not None), default=0)
     if move:
         _check_movable(sources)
 
     imaged = [s for s in sources if s.layers]
     # Taken before any --move: the layer files' times say when each state
     # was made (internal snapshots have their own dates).
-    created = [_created(imaged[0].history[i]) if imaged else now_utc()
+    created = [created_at(imaged[0].history[i]) if imaged else now_utc()
                for i in range(count)]
     staging = os.path.join(store.vms_dir, f".import-{uuid.uuid4()}")
     M.private_dir(staging)
@@ -229,9 +289,13 @@ def add_vm(store, vm_name, specs, move=False, progress=None, luns=(), shareables
         names = _snapshot_names(sources, count)
         snapshots = []
         for i in range(count):
-            origin = _description([s.history[i] for s in imaged]) if imaged else "empty layer"
+            origin = describe_origin([s.history[i] for s in imaged]) if imaged else "empty layer"
             snapshots.append(M.Snapshot(str(uuid.uuid4()), names[i], origin, created[i],
                                         {d: chains[d][i] for d in chains}))
+        for p in planned or ():
+            snapshots.append(M.Snapshot(str(uuid.uuid4()), p.name, p.description, p.created,
+                                        {d: chains[d][i] for d, i in p.states.items()},
+                                        p.consistency))
         manifest = M.Manifest(name=vm_name, id=str(uuid.uuid4()), created=now_utc(),
                               disks=[s.name for s in sources], volumes=volumes,
                               snapshots=snapshots, active={d: chains[d][-1] for d in chains},
