@@ -91,7 +91,10 @@ def build_parser():
                       "snapshots (qemu-img snapshot, virsh) become snapshots too, each just "
                       "before its layer, with their own names and dates.  Direct LUNs and "
                       "shareable disks are never snapshotted (RHV's rule): snapshots, "
-                      "previews, commits, undos, deletes and clones leave them alone.")
+                      "previews, commits, undos, deletes and clones leave them alone.  "
+                      "--libvirt takes the disks from a domain XML (virsh dumpxml), and "
+                      "--libvirt-snapshots the snapshots from the XMLs virsh "
+                      "snapshot-dumpxml writes; no libvirtd is needed.")
     c.add_argument("store")
     c.add_argument("vm")
     c.add_argument("--disk", action="append", default=[], metavar="NAME=SPEC",
@@ -103,6 +106,15 @@ def build_parser():
                    help="a shareable disk: NAME=PATH imports a raw image, or a qcow2 image "
                         "without backing file, as one raw volume that several VMs can "
                         "attach; NAME alone attaches the store's shareable disk NAME")
+    c.add_argument("--libvirt", metavar="DOMAIN.xml",
+                   help="the disks of a libvirt domain, from the file virsh dumpxml writes: "
+                        "each file disk by its target name, type='block' as a direct LUN, "
+                        "<shareable/> as a shareable disk; CD-ROMs, floppies and network "
+                        "disks are skipped (not with --disk, --lun, --shareable)")
+    c.add_argument("--libvirt-snapshots", metavar="DIR",
+                   help="with --libvirt: the domain's snapshot XMLs (virsh snapshot-dumpxml, "
+                        "one *.xml each); each external snapshot keeps its name, description "
+                        "and time, and holds the layers its overlays were created on")
     c.add_argument("--move", action="store_true",
                    help="rename the images into the store instead of copying them "
                         "(when on the same filesystem; refused for images with internal "
@@ -235,14 +247,26 @@ def cmd_init(args):
 
 
 def cmd_vm_add(args):
+    from .errors import InvalidArgument
     from .ops.importer import add_vm
+    from .ops.libvirt_import import import_domain
+    if args.libvirt_snapshots and not args.libvirt:
+        raise InvalidArgument("--libvirt-snapshots needs --libvirt")
+    if args.libvirt and (args.disk or args.lun or args.shareable):
+        raise InvalidArgument("--libvirt takes the disks from the domain XML: "
+                              "no --disk, --lun or --shareable with it")
     store = Store.open(args.store)
     _locked(store, f"snapfs vm add {args.vm}")
+    progress = None if sys.stderr.isatty() else False
     try:
         _recover(store)
-        m = add_vm(store, args.vm, args.disk, move=args.move,
-                   progress=None if sys.stderr.isatty() else False, luns=args.lun,
-                   shareables=args.shareable)
+        if args.libvirt:
+            m = import_domain(store, args.vm, args.libvirt, args.libvirt_snapshots,
+                              move=args.move, progress=progress,
+                              report=lambda line: print(f"snapfs: {line}", file=sys.stderr))
+        else:
+            m = add_vm(store, args.vm, args.disk, move=args.move, progress=progress,
+                       luns=args.lun, shareables=args.shareable)
     finally:
         store.release_lock()
     kinds = "".join(f", {kind}: {', '.join(d for d in m.special if m.special[d]['kind'] == kind)}"
