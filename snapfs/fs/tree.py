@@ -15,7 +15,7 @@ import os
 import threading
 
 from ..errors import NotFound, SnapfsError
-from ..ops.users import changed_volumes
+from ..ops.users import changed_volumes, snapshot_use
 from .nodes import Node
 from .views import DiskView, PartitionView
 
@@ -106,6 +106,7 @@ class Tree:
             if vm_node.children is None:
                 return
             self._refresh_dir(vm_node, "snapshots", self.listings.snapshots(vm))
+            self._drop_given_up_disks(vm, vm_node)
             wanted = [self.listings.before_preview(vm)] if vm.manifest.preview else []
             self._refresh_children(vm_node, wanted, only={"before-preview"})
 
@@ -126,6 +127,23 @@ class Tree:
                     view.retarget(refs)
             if snap is None:
                 del vm.snapshot_views[snapshot_id]
+
+    def _drop_given_up_disks(self, vm, vm_node):
+        """A custom preview's commit can take a disk from a kept snapshot
+        (ops: _cut_branches): its files leave that snapshot's directory."""
+        snaps_node = self._nodes[vm_node.children["snapshots"]]
+        held = {snapshot_use(s.id): s.volumes for s in vm.manifest.snapshots}
+        for inode in (snaps_node.children or {}).values():
+            node = self._nodes[inode]
+            volumes = held.get(node.key)
+            if volumes is None or node.children is None:
+                continue
+            for name in [n for n in node.children if n.endswith(".raw")]:
+                stem = name[:-len(".raw")]
+                # <disk>.raw, or a partition <disk>-partN.raw
+                if stem not in volumes and stem.rsplit("-part", 1)[0] not in volumes:
+                    self.notify(node.inode, name)
+                    self._retire(node.children.pop(name))
 
     def _switch_leaves(self, vm, changed):
         """Give each active slot whose chain changed a new ActiveDisk.  The

@@ -450,23 +450,32 @@ class SnapfsModel(RuleBasedStateMachine):
     def preview(self, name, then_write):
         self._preview(name, then_write)
 
-    @rule(name=st.sampled_from(NAMES), sources=st.dictionaries(
-        st.sampled_from(sorted(DISKS)), st.sampled_from(NAMES), min_size=1),
+    @precondition(lambda self: self.order)
+    @rule(index=st.integers(0, len(NAMES) - 1), sources=st.dictionaries(
+        st.sampled_from(sorted(DISKS)), st.integers(0, 9), min_size=1),
         then_write=then_writes)
     @_tracked
-    def custom_preview(self, name, sources, then_write):
-        """RHV's custom preview: some disks from other snapshots."""
-        self._preview(name, then_write, sources)
+    def custom_preview(self, index, sources, then_write):
+        """RHV's custom preview: some disks from other snapshots (mostly
+        existing ones; 8 and 9 stand for a name that doesn't exist)."""
+        name = self.order[index % len(self.order)]
+        self._preview(name, then_write, {
+            d: self.order[i % len(self.order)] if i < 8 else "missing" for d, i in sources.items()})
 
     def _preview(self, name, then_write, sources=None):
         if self.open_preview:
             expected = errno.EBUSY
-        elif name not in self.snaps or any(o not in self.snaps for o in (sources or {}).values()):
+        elif name not in self.snaps:
             expected = errno.ENOENT
-        elif any(d not in self.snaps[o]["data"] for d, o in (sources or {}).items()):
-            expected = errno.EINVAL         # that snapshot does not hold the disk
         else:
             expected = None
+            for d, other in (sources or {}).items():       # in the order given
+                if other not in self.snaps:
+                    expected = errno.ENOENT
+                    break
+                if d not in self.snaps[other]["data"]:
+                    expected = errno.EINVAL                 # it does not hold the disk
+                    break
         text = json.dumps({"snapshot": name, "disks": sources}) if sources else name
         _attempt(expected, lambda: _control(self.mnt, "preview", text), f"preview {text!r}")
         if expected is None:
