@@ -1,13 +1,17 @@
 """A store's VM running in a real QEMU (CPUs stopped, TCG) for the tests of
 live operations: guest writes go through QEMU's own qemu-io on the guest
 device (HMP), and a byte model of each disk says what every view must
-hold."""
+hold.
+
+QEMU gets a second QMP monitor (``ctl``) for the test's own commands (the
+guest's writes, ``job-pause``): QEMU serves one client per monitor at a
+time, and snapfs may hold the attached one for as long as a merge runs."""
 
 import contextlib
 import json
 from pathlib import Path
 
-from snapfs.qemu.args import disk_id
+from snapfs.qemu.args import disk_id, opt
 from snapfs.qemu.qmp import QmpSession
 from tests.support.mounting import snapfs
 from tests.support.qemu import check, info_chain, is_clean, to_raw
@@ -21,6 +25,7 @@ class LiveVm:
         self.store, self.name, self.tmp = Path(store), name, Path(tmp)
         self.qmp = self.tmp / f"{name}.qmp"
         self.agent = self.tmp / f"{name}.qga"
+        self.ctl = self.tmp / f"{name}.ctl.qmp"
         self.model = {disk: bytearray(size) for disk, size in sizes.items()}
         self.proc = None
 
@@ -39,6 +44,8 @@ class LiveVm:
         extra = ["--guest-agent", self.agent] if agent else []
         args = snapfs("vm", "qemu-args", self.store, self.name, "--qmp", self.qmp,
                       *extra).stdout.splitlines()
+        args += ["-chardev", f"socket,id=test-ctl,path={opt(str(self.ctl))},server=on,wait=off",
+                 "-mon", "chardev=test-ctl,mode=control"]
         with qemu_running([*args, *boot], self.qmp, self.tmp / f"{self.name}.qemu.log",
                           stopped=not boot) as proc:
             self.proc = proc
@@ -54,7 +61,7 @@ class LiveVm:
         snapfs("vm", "attach", self.store, self.name, "--qmp", self.qmp, *extra)
 
     def hmp(self, command):
-        with QmpSession(self.qmp) as q:
+        with QmpSession(self.ctl) as q:
             return q.execute("human-monitor-command", {"command-line": command})
 
     def io(self, disk, command):
@@ -65,6 +72,8 @@ class LiveVm:
     def write(self, disk, pattern, offset, length, flush=False):
         """The guest writes ``pattern`` at ``offset``; with ``flush``, it
         also flushes (QEMU writes its qcow2 metadata out)."""
+        # QEMU's qemu-io refuses a write past the end, silently here (see io).
+        assert offset + length <= len(self.model[disk]), (disk, offset, length)
         self.io(disk, f"write -P {pattern:#x} {offset} {length}")
         self.model[disk][offset:offset + length] = bytes([pattern]) * length
         if flush:
@@ -75,7 +84,7 @@ class LiveVm:
 
     def tops(self):
         """{disk: the file QEMU's device of that disk writes}."""
-        with QmpSession(self.qmp) as q:
+        with QmpSession(self.ctl) as q:
             devices = {d["qdev"]: d["inserted"] for d in q.execute("query-block")}
         out = {}
         for disk in self.model:
