@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from ..errors import QemuError
 from ..qcow2.create import set_backing
 from ..qemu.live import live_session
-from ..qemu.merge import LiveMerge, drive, jobs, open_paths, release
+from ..qemu.jobs import drive, jobs
+from ..qemu.merge import LiveMerge, open_paths, release
 from ..store.faults import crashpoint
 from ..store.manifest import fsync_dir
 from ..store.volume import VolumePool
