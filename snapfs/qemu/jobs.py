@@ -13,35 +13,66 @@ far QEMU got:
     finalized   QEMU changed its graph (status "concluded"), before
                 job-dismiss
 
-A pivot that fails (job-complete refused, the job falls back to standby
-or aborts) leaves the VM on its old chain with nothing lost: the pivot is
-asked again, an aborted job is started again, a few times (VDSM retries
-too), then ``drive`` raises and the intent stays for the next operation.
+A pivot that fails leaves the VM on its old chain with nothing lost.
+QEMU takes job-complete while the job stands by (paused) and pivots when
+it runs again: that is waited for.  A job-complete refused while the job
+is ready is asked again a few times (VDSM retries too); one refused
+because the job left "ready" is not counted: what the job does next
+decides (a job back in "ready" is asked again).
+A job that aborts is started again a few times.  Then ``drive`` raises
+and the intent stays for the next operation.
+
+A job that stops moving (paused or standing by in QEMU, or running
+without progress) is waited for at most ``$SNAPFS_JOB_STALL`` seconds
+(60 by default) after its status or progress last changed; then
+``drive`` raises QemuError (EIO) naming the job and its status.  QEMU
+keeps the job, the VM stays on its chain, and the next operation (or
+``snapfs check``) follows the job again.
 """
 
+import logging
+import os
 import time
 
 from ..errors import QemuError
 
+log = logging.getLogger(__name__)
+
 POLL = 0.05            # seconds between two looks at the job list
-PIVOT_RETRIES = 3      # job-complete asked this often before giving up
+PIVOT_RETRIES = 3      # job-complete refused this often before giving up
 START_RETRIES = 3      # a job that failed is started again this often
 RETRY_PAUSE = 0.5      # seconds between two attempts
+STALL_ENV = "SNAPFS_JOB_STALL"
+DEFAULT_STALL = 60.0   # seconds a job may go without progress
+
+
+def job_stall():
+    """Seconds a job may go without progress: ``$SNAPFS_JOB_STALL`` or 60
+    (the tests make it short)."""
+    value = os.environ.get(STALL_ENV)
+    try:
+        return max(0.1, float(value)) if value else DEFAULT_STALL
+    except ValueError:
+        return DEFAULT_STALL
 
 
 def jobs(qmp):
     return {j["id"]: j for j in qmp.execute("query-jobs")}
 
 
-def drive(qmp, merge, persist, step, progress=None):
+def drive(qmp, merge, persist, step, progress=None, stall=None):
     """Take ``merge``'s job from where QEMU has it to its end (QEMU's graph
     switched, the job dismissed).  ``step`` is the last step the manifest
     recorded; ``persist(step)`` records the next one before it is taken.
     ``progress(done, total)`` gets QEMU's job progress.  Raises QemuError
-    (EIO) after repeated failures, QemuTimeout (EBUSY) if QEMU stops
+    (EIO) after repeated failures or when the job makes no progress for
+    ``stall`` seconds (``job_stall()``), QemuTimeout (EBUSY) if QEMU stops
     answering; either way the VM stays on a chain that reads the same."""
+    stall = job_stall() if stall is None else stall
     pivots = starts = 0
     error = None
+    asked = False          # job-complete accepted: the job pivots by itself
+    seen, since = None, time.monotonic()
     while True:
         job = jobs(qmp).get(merge.id)
         if job is None:
@@ -57,11 +88,14 @@ def drive(qmp, merge, persist, step, progress=None):
             step = "started"
             persist(step)
             merge.start(qmp)
+            asked, seen = False, None
             continue
         status = job["status"]
+        if (status, job.get("current-progress")) != seen:
+            seen, since = (status, job.get("current-progress")), time.monotonic()
         if progress and job.get("total-progress"):
             progress(job["current-progress"], job["total-progress"])
-        if status == "ready":
+        if status == "ready" and not asked:
             if step not in ("ready", "completing"):
                 step = "ready"
                 persist(step)
@@ -71,13 +105,20 @@ def drive(qmp, merge, persist, step, progress=None):
                                 f"lost, and the next operation (or 'snapfs check') tries again")
             step = "completing"
             persist(step)
-            pivots += 1
             try:
                 qmp.execute("job-complete", {"id": merge.id})
-            except QemuError:
-                # Refused (the job flapped to standby, or is not in sync
-                # after all): still mirroring, on the old chain.
-                time.sleep(RETRY_PAUSE)
+                asked, since = True, time.monotonic()
+            except QemuError as e:
+                now = jobs(qmp).get(merge.id, {}).get("status")
+                log.warning("QEMU at %s refused the pivot of job %s (now %s): %s; the VM stays "
+                            "on its old chain, and the pivot is asked again", qmp.path,
+                            merge.id, now, e)
+                if now == "ready":
+                    # Refused while in sync: a failed pivot, retried a few times.
+                    pivots += 1
+                    time.sleep(RETRY_PAUSE)
+                # Else it left "ready" (cancelled, aborting): what it does
+                # next decides, as long as it moves (the stall limit below).
             continue
         if status == "pending":
             step = "concluded"
@@ -95,4 +136,13 @@ def drive(qmp, merge, persist, step, progress=None):
             persist(step)
             qmp.execute("job-dismiss", {"id": merge.id})
             return
-        time.sleep(POLL)   # created, running, standby, paused, waiting, aborting
+        # created, running, standby, paused, waiting, aborting; or ready
+        # with the pivot asked.
+        if time.monotonic() - since > stall:
+            hint = ": paused in QEMU, 'job-resume' lets it go on" \
+                if status in ("paused", "standby") else ""
+            raise QemuError(f"QEMU at {qmp.path}: the merge job {merge.id} made no progress for "
+                            f"{stall:g} s (status {status}{hint}); the VM stays on its chain, "
+                            f"nothing is lost, and the next operation (or 'snapfs check') "
+                            f"tries again")
+        time.sleep(POLL)

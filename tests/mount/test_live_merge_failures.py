@@ -1,0 +1,222 @@
+"""Live deletes (merges inside a real QEMU) that go wrong: a job that stops
+moving (paused in QEMU) is given up after the stall limit, and a pivot
+asked of a paused job happens once it runs again, or fails with EIO and
+is finished by ``snapfs check`` later.
+
+The test acts on QEMU through a second monitor (``LiveVm.ctl``) while
+snapfs holds the attached one."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from snapfs.qemu.qmp import QmpSession
+from tests.mount.test_live_merge import (K64, POINTS, SIZES, check_stopped, cli, snapshots, take,
+                                         write_both)
+from tests.support.live_vm import LiveVm
+from tests.support.mounting import snapfs, wait_for
+from tests.support.qemu import qemu_img
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def vm(tmp_path, store, run_dir):
+    snapfs("vm", "add", store, "web", "--disk", "sda=4M", "--disk", "data=2M")
+    return LiveVm(store, "web", tmp_path, SIZES)
+
+
+def ctl(vm, command, arguments=None):
+    with QmpSession(vm.ctl) as q:
+        return q.execute(command, arguments)
+
+
+def job_status(vm, job):
+    return {j["id"]: j["status"] for j in ctl(vm, "query-jobs")}.get(job)
+
+
+def pause_job(vm, job):
+    """``job-pause``: a ready mirror stands by (and refuses job-complete)."""
+    ctl(vm, "job-pause", {"id": job})
+    assert wait_for(lambda: job_status(vm, job) == "standby"), job_status(vm, job)
+
+
+def leaves(vm):
+    return {d: str(vm.dir / v) for d, v in vm.manifest()["active"].items()}
+
+
+def shared_view(vm, vid):
+    """A volume's view read beside a running QEMU (``-U``: QEMU holds the
+    image locks)."""
+    out = vm.tmp / "shared.raw"
+    qemu_img("convert", "-U", "-f", vm.manifest()["volumes"][vid]["format"], "-O", "raw",
+             vm.dir / vid, out)
+    try:
+        return out.read_bytes()
+    finally:
+        out.unlink()
+
+
+def error_line(stderr):
+    """The CLI's error: one line, after any warnings, never a traceback."""
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and all(x.startswith("snapfs: ") for x in lines), stderr
+    assert lines[-1].startswith("snapfs: error: "), stderr
+    return lines[-1]
+
+
+@contextlib.contextmanager
+def delete_paused_at(vm, tmp_path, name, point, env=None):
+    """``snapfs snapshot delete NAME`` started and held at crash point
+    ``point`` (SNAPFS_PAUSE_AT); yields (process, pause file): removing
+    the file lets it go on.  Killed by its PID if the test ends first."""
+    pause = tmp_path / "pause"
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_CRASH_")}
+    full.update(env or {}, SNAPFS_PAUSE_AT=point, SNAPFS_PAUSE_FILE=str(pause))
+    proc = subprocess.Popen([sys.executable, "-m", "snapfs.cli", "snapshot", "delete",
+                             str(vm.store), vm.name, name], env=full, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: pause.exists() or proc.poll() is not None, timeout=30)
+        assert pause.exists(), proc.communicate()
+        yield proc, pause
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        with contextlib.suppress(FileNotFoundError):
+            pause.unlink()
+
+
+def finished(vm, deleted, direction="commit"):
+    """The live delete of ``deleted`` is done: no intent, QEMU writes the
+    manifest's leaves."""
+    m = vm.manifest()
+    assert m["operation"] is None, m["operation"]
+    last = m["last_operation"]
+    assert last["snapshot"] == deleted and last.get("live") is True, last
+    assert {x["direction"] for x in last["disks"].values()} == {direction}, last
+    assert vm.tops() == leaves(vm)
+
+
+def active_commit_setup(vm, expected):
+    """keep, then a (a large layer), then a small leaf: deleting a is an
+    active commit of the leaf into a's volume, which pivots."""
+    write_both(vm, 0x10, 0, 4 * K64)
+    take(vm, "keep", expected)
+    write_both(vm, 0x20, 0, 4 * K64)
+    snapfs("snapshot", "create", vm.store, "web", "a")
+    write_both(vm, 0x30, K64, K64)
+
+
+# -- 1. a job that stops moving ---------------------------------------------------
+
+def test_a_paused_job_is_given_up_after_the_stall_limit(tmp_path, vm):
+    """snapfs killed right after the active commit went ready; the job is
+    paused in QEMU; ``snapfs check`` (SNAPFS_JOB_STALL=1) gives up on it
+    with EIO and changes nothing; once resumed, check finishes the delete."""
+    expected = {}
+    with vm.running():
+        active_commit_setup(vm, expected)
+        n = POINTS["commit"].index("delete:ready") + 1
+        trace = tmp_path / "trace"
+        r = cli(vm, "snapshot", "delete", vm.store, "web", "a",
+                env={"SNAPFS_CRASH_AT": str(n), "SNAPFS_CRASH_TRACE": str(trace)})
+        assert r.returncode == -signal.SIGKILL, r
+        assert trace.read_text().splitlines()[-1] == f"{n} delete:ready"
+        intent = vm.manifest()
+        job = intent["operation"]["live"]["sda"]["job"]
+        assert intent["operation"]["live"]["sda"]["step"] == "ready"
+        pause_job(vm, job)
+        write_both(vm, 0x40, 3 * K64, K64)        # into the old leaf while the job stands by
+        tops = vm.tops()
+        assert tops == leaves(vm)
+
+        start = time.monotonic()
+        r = cli(vm, "check", vm.store, env={"SNAPFS_JOB_STALL": "1"})
+        took = time.monotonic() - start
+        assert r.returncode == 1, r
+        assert 1 <= took < 30, took
+        for words in (job, "standby", "no progress", "stays on its", "snapfs check"):
+            assert words in r.stderr, (words, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert vm.manifest() == intent
+        assert vm.tops() == tops
+        assert job_status(vm, job) == "standby"
+        assert shared_view(vm, snapshots(vm)["keep"]["volumes"]["sda"]) == expected["keep"]["sda"]
+
+        ctl(vm, "job-resume", {"id": job})
+        r = cli(vm, "check", vm.store)
+        assert r.returncode == 0 and "live delete" in r.stderr, r.stderr
+        finished(vm, "a")
+        write_both(vm, 0x50, 5 * K64, K64)        # lands in the new leaves
+    check_stopped(vm, expected)
+
+
+# -- 2. a pivot that does not happen at once -------------------------------------
+
+def test_a_pivot_asked_of_a_paused_job_happens_when_it_resumes(tmp_path, vm):
+    """The delete held right before job-complete; the job paused from the
+    test (standby).  QEMU 7.2 takes job-complete in standby and pivots
+    once the job runs again: resumed 0.7 s later, the delete finishes,
+    with the writes from before and during."""
+    expected = {}
+    with vm.running():
+        active_commit_setup(vm, expected)
+        with delete_paused_at(vm, tmp_path, "a", "delete:completing") as (proc, pause):
+            job = vm.manifest()["operation"]["live"]["sda"]["job"]
+            pause_job(vm, job)
+            write_both(vm, 0x40, 2 * K64, 2 * K64)      # during: mirrored after the resume
+            resume = threading.Timer(0.7, ctl, (vm, "job-resume", {"id": job}))
+            start = time.monotonic()
+            resume.start()
+            try:
+                pause.unlink()
+                out, err = proc.communicate(timeout=60)
+            finally:
+                resume.cancel()
+                resume.join()
+        assert proc.returncode == 0, err
+        assert time.monotonic() - start >= 0.7      # it waited for the job to resume
+        finished(vm, "a")
+        write_both(vm, 0x50, 6 * K64, K64)
+    check_stopped(vm, expected)
+
+
+def test_a_job_paused_for_good_fails_the_delete_and_check_finishes_it(tmp_path, vm):
+    """As above, but the job is not resumed: with SNAPFS_JOB_STALL=1 the
+    delete fails (EIO, one line), the VM stays on its old chain and the
+    intent stays; resumed, ``snapfs check`` finishes it."""
+    expected = {}
+    with vm.running():
+        active_commit_setup(vm, expected)
+        with delete_paused_at(vm, tmp_path, "a", "delete:completing",
+                              env={"SNAPFS_JOB_STALL": "1"}) as (proc, pause):
+            job = vm.manifest()["operation"]["live"]["sda"]["job"]
+            pause_job(vm, job)
+            write_both(vm, 0x40, 2 * K64, 2 * K64)
+            tops = vm.tops()
+            pause.unlink()
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, err
+        line = error_line(err)
+        for words in (job, "no progress", "standby", "stays on its", "snapfs check"):
+            assert words in line, (words, line)
+        op = vm.manifest()["operation"]
+        assert op["phase"] == "merge" and op["live"]["sda"]["step"] == "completing", op
+        assert "a" not in snapshots(vm)
+        assert vm.tops() == tops == leaves(vm)
+        assert job_status(vm, job) == "standby"
+
+        ctl(vm, "job-resume", {"id": job})
+        r = cli(vm, "check", vm.store)
+        assert r.returncode == 0 and "live delete" in r.stderr, r.stderr
+        finished(vm, "a")
+        write_both(vm, 0x50, 6 * K64, K64)
+    check_stopped(vm, expected)
