@@ -12,15 +12,20 @@ far QEMU got:
                 job-finalize, which switches QEMU's graph
     finalized   QEMU changed its graph (status "concluded"), before
                 job-dismiss
+    failed      a job recorded as concluded ended without changing QEMU's
+                graph (it failed, or was cancelled: no pivot); before
+                job-dismiss, then it is started again
 
 A pivot that fails leaves the VM on its old chain with nothing lost.
 QEMU takes job-complete while the job stands by (paused) and pivots when
 it runs again: that is waited for.  A job-complete refused while the job
 is ready is asked again a few times (VDSM retries too); one refused
 because the job left "ready" is not counted: what the job does next
-decides (a job back in "ready" is asked again).
-A job that aborts is started again a few times.  Then ``drive`` raises
-and the intent stays for the next operation.
+decides (a job back in "ready" is asked again).  A job that aborts, or
+ends without switching QEMU's graph (a ready job cancelled, as ``virsh
+blockjob --abort`` does, completes without a pivot), is started again a
+few times.  Then ``drive`` raises and the intent stays for the next
+operation.
 
 A job that stops moving (paused or standing by in QEMU, or running
 without progress) is waited for at most ``$SNAPFS_JOB_STALL`` seconds
@@ -126,9 +131,16 @@ def drive(qmp, merge, persist, step, progress=None, stall=None):
             qmp.execute("job-finalize", {"id": merge.id})
             continue
         if status == "concluded":
-            if job.get("error"):
-                # Aborted before any graph change: the old chain stands.
-                error = job["error"]
+            if job.get("error") or not merge.done_in_qemu(qmp):
+                # Aborted, or ended without switching QEMU's graph (a ready
+                # job cancelled, as 'virsh blockjob --abort' does, completes
+                # without a pivot): the old chain stands, and is written.
+                error = job.get("error") or "it ended without switching QEMU's graph"
+                if step in ("concluded", "finalized"):
+                    # No longer "done in QEMU": recovery must not take the
+                    # merged-into volume for the one written (finish._IN_B).
+                    step = "failed"
+                    persist(step)
                 qmp.execute("job-dismiss", {"id": merge.id})
                 step = "failed"
                 continue

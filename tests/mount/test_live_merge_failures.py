@@ -1,7 +1,8 @@
 """Live deletes (merges inside a real QEMU) that go wrong: a job that stops
-moving (paused in QEMU) is given up after the stall limit, and a pivot
-asked of a paused job happens once it runs again, or fails with EIO and
-is finished by ``snapfs check`` later.
+moving (paused in QEMU) is given up after the stall limit; a pivot asked
+of a paused job happens once it runs again, or fails with EIO and is
+finished by ``snapfs check`` later; a pivot QEMU refuses (the job
+cancelled) starts the merge again.
 
 The test acts on QEMU through a second monitor (``LiveVm.ctl``) while
 snapfs holds the attached one."""
@@ -184,6 +185,30 @@ def test_a_pivot_asked_of_a_paused_job_happens_when_it_resumes(tmp_path, vm):
                 resume.join()
         assert proc.returncode == 0, err
         assert time.monotonic() - start >= 0.7      # it waited for the job to resume
+        finished(vm, "a")
+        write_both(vm, 0x50, 6 * K64, K64)
+    check_stopped(vm, expected)
+
+
+def test_a_refused_pivot_starts_the_merge_again(tmp_path, vm):
+    """The delete held right before job-complete; the job cancelled from
+    the test as ``virsh blockjob --abort`` does (block-job-cancel of a
+    ready job: it completes without a pivot).  QEMU refuses job-complete,
+    the job ends with the VM on its old chain; the delete notices, starts
+    the merge again and pivots: the manifest and QEMU agree, nothing is
+    lost."""
+    expected = {}
+    with vm.running():
+        active_commit_setup(vm, expected)
+        with delete_paused_at(vm, tmp_path, "a", "delete:completing") as (proc, pause):
+            job = vm.manifest()["operation"]["live"]["sda"]["job"]
+            write_both(vm, 0x40, 2 * K64, 2 * K64)      # while the job mirrors
+            ctl(vm, "block-job-cancel", {"device": job})
+            assert wait_for(lambda: job_status(vm, job) == "pending"), job_status(vm, job)
+            pause.unlink()
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert f"refused the pivot of job {job}" in err, err
         finished(vm, "a")
         write_both(vm, 0x50, 6 * K64, K64)
     check_stopped(vm, expected)
