@@ -185,15 +185,23 @@ def _drive_all(store, m, plans, qmp, progress, save):
     done_before = 0
     # Jobs QEMU has (after a crash) are taken to their end before anything
     # else is asked: QEMU 7.2 segfaults on query-named-block-nodes while a
-    # stream job it finalized is not dismissed yet.
+    # stream job it finalized is not dismissed yet.  Then the disks go in
+    # the VM's order, as the delete took them: one it never reached is not
+    # started while the one it stopped at (and the error that stopped it)
+    # waits.
     present = jobs(qmp)
-    plans = sorted(plans, key=lambda p: m.operation["live"][p.disk]["job"] not in present)
+    plans = sorted(plans, key=lambda p: (m.operation["live"][p.disk]["job"] not in present,
+                                         m.disks.index(p.disk)))
     for plan in plans:
         state = m.operation["live"][plan.disk]
 
         def persist(step, state=state):
-            state["step"] = step
-            save(m)
+            # A job started again after a failure records nothing new: no
+            # write, which a full store's filesystem would refuse (the
+            # failure to report is QEMU's).
+            if state["step"] != step:
+                state["step"] = step
+                save(m)
             crashpoint(f"delete:{step}")
 
         def report(done, of, base=done_before, share=plan.bytes):

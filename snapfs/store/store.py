@@ -16,6 +16,7 @@ Everything snapfs creates in a store is its owner's only: files 0600,
 directories 0700, whatever the umask (``snapfs check`` flags looser modes).
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -128,8 +129,15 @@ class Store:
             os.fchmod(fd, M.FILE_MODE)
             os.ftruncate(fd, 0)
             # The purpose may name what the user typed, valid UTF-8 or not.
-            os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode("utf-8", "backslashreplace"),
-                      0)
+            # It only tells others who holds the lock: a full filesystem
+            # must not keep the store from being checked, mounted, or freed
+            # by a delete.
+            try:
+                os.pwrite(fd, f"pid {os.getpid()}: {purpose}\n".encode("utf-8",
+                                                                      "backslashreplace"), 0)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
         except BaseException:
             os.close(fd)
             raise

@@ -2,12 +2,15 @@
 moving (paused in QEMU) is given up after the stall limit; a pivot asked
 of a paused job happens once it runs again, or fails with EIO and is
 finished by ``snapfs check`` later; a pivot QEMU refuses (the job
-cancelled) starts the merge again.
+cancelled) starts the merge again; a merge that keeps failing in QEMU
+(its store full) leaves its intent, and every later operation reports
+it until space is freed.
 
 The test acts on QEMU through a second monitor (``LiveVm.ctl``) while
 snapfs holds the attached one."""
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -21,8 +24,8 @@ from snapfs.qemu.qmp import QmpSession
 from tests.mount.test_live_merge import (K64, POINTS, SIZES, check_stopped, cli, snapshots, take,
                                          write_both)
 from tests.support.live_vm import LiveVm
-from tests.support.mounting import snapfs, wait_for
-from tests.support.qemu import qemu_img
+from tests.support.mounting import mounted, snapfs, wait_for
+from tests.support.qemu import info_chain, qemu_img
 
 pytestmark = pytest.mark.mount
 
@@ -104,6 +107,16 @@ def finished(vm, deleted, direction="commit"):
     assert last["snapshot"] == deleted and last.get("live") is True, last
     assert {x["direction"] for x in last["disks"].values()} == {direction}, last
     assert vm.tops() == leaves(vm)
+
+
+def check_bare_chains(vm):
+    """``qemu-img info --backing-chain`` of each leaf names the manifest's
+    parents, bare."""
+    m = vm.manifest()
+    for vid in m["active"].values():
+        for image in info_chain(vm.dir / vid):
+            name = os.path.basename(image["filename"])
+            assert image.get("backing-filename") == m["volumes"][name]["parent"], image
 
 
 def active_commit_setup(vm, expected):
@@ -245,3 +258,102 @@ def test_a_job_paused_for_good_fails_the_delete_and_check_finishes_it(tmp_path, 
         finished(vm, "a")
         write_both(vm, 0x50, 6 * K64, K64)
     check_stopped(vm, expected)
+
+
+# -- 4. a merge that keeps failing: the store is full ------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 32 MiB tmpfs, unmounted at the end whatever happened."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32M,mode=0700", "snapfs-test",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(directory, leave):
+    """A file that takes all the free space of ``directory``'s filesystem
+    but ``leave`` bytes."""
+    path = directory / "filler"
+    st = os.statvfs(directory)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - leave)
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_a_merge_that_keeps_failing_leaves_its_intent(tmp_path, small_fs, run_dir):
+    """The store's filesystem fills up once the delete is recorded: QEMU's
+    commit fails with ENOSPC each time.  The delete, a later create and
+    ``snapfs check`` fail with EIO naming it and change nothing; the views
+    read as taken; with space again, ``snapfs check`` finishes the delete."""
+    store = small_fs / "store"
+    snapfs("init", store)
+    snapfs("vm", "add", store, "web", "--disk", "sda=4M", "--disk", "data=2M")
+    vm = LiveVm(store, "web", tmp_path, SIZES)
+    expected = {}
+    with vm.running():
+        write_both(vm, 0x10, 0, 2 * K64)
+        take(vm, "keep", expected)
+        write_both(vm, 0x20, 0, 8 * K64)
+        snapfs("snapshot", "create", store, "web", "x")
+        # y's layer: smaller than x's, at offsets x's has not, so that
+        # committing it allocates clusters in x's volume.
+        write_both(vm, 0x30, 16 * K64, 4 * K64)
+        take(vm, "y", expected)
+        write_both(vm, 0x40, 24 * K64, K64)
+
+        with delete_paused_at(vm, tmp_path, "x", "delete:recorded") as (proc, pause):
+            filler = fill(small_fs, leave=16 << 10)
+            pause.unlink()
+            out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, err
+        line = error_line(err)
+        assert "No space left on device" in line and "snapfs check" in line, line
+        job = vm.manifest()["operation"]["live"]["sda"]["job"]
+        assert job in line, line
+        intent = (vm.dir / "manifest.json").read_bytes()
+        files = sorted(os.listdir(vm.dir))
+
+        def unchanged():
+            assert (vm.dir / "manifest.json").read_bytes() == intent
+            assert sorted(os.listdir(vm.dir)) == files
+            assert vm.tops() == leaves(vm)
+
+        r = cli(vm, "snapshot", "create", store, "web", "z")
+        assert r.returncode == 1, r
+        line = error_line(r.stderr)
+        assert job in line and "No space left on device" in line, line
+        unchanged()
+        r = cli(vm, "check", store)
+        assert r.returncode == 1, r
+        assert "recovery deferred" in r.stderr and "No space left on device" in r.stderr, r
+        assert "operation is recorded as in progress" in r.stdout, r.stdout
+        unchanged()
+        with mounted(store, tmp_path / "mnt") as mnt:
+            snaps = mnt / "web" / "snapshots"
+            assert sorted(os.listdir(snaps)) == ["keep", "latest", "y"]
+            for name in ("keep", "y"):
+                for disk in SIZES:
+                    try:
+                        data = (snaps / name / f"{disk}.raw").read_bytes()
+                    except OSError as e:         # EIO is allowed, wrong bytes are not
+                        assert e.errno == errno.EIO, (name, disk, e)
+                        continue
+                    assert data == expected[name][disk], (name, disk)
+        unchanged()
+
+        filler.unlink()
+        r = cli(vm, "check", store)
+        assert r.returncode == 0 and "live delete" in r.stderr, r.stderr
+        finished(vm, "x")
+        write_both(vm, 0x50, 28 * K64, K64)
+    check_stopped(vm, expected)
+    check_bare_chains(vm)
