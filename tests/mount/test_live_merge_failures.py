@@ -2,9 +2,10 @@
 moving (paused in QEMU) is given up after the stall limit; a pivot asked
 of a paused job happens once it runs again, or fails with EIO and is
 finished by ``snapfs check`` later; a pivot QEMU refuses (the job
-cancelled) starts the merge again; a merge that keeps failing in QEMU
-(its store full) leaves its intent, and every later operation reports
-it until space is freed.
+cancelled) starts the merge again; snapfs killed at each step of an
+intermediate commit, recovered with QEMU running and gone; a merge that
+keeps failing in QEMU (its store full) leaves its intent, and every later
+operation reports it until space is freed.
 
 The test acts on QEMU through a second monitor (``LiveVm.ctl``) while
 snapfs holds the attached one."""
@@ -258,6 +259,94 @@ def test_a_job_paused_for_good_fails_the_delete_and_check_finishes_it(tmp_path, 
         finished(vm, "a")
         write_both(vm, 0x50, 6 * K64, K64)
     check_stopped(vm, expected)
+
+
+# -- 3. SIGKILL at each step of an intermediate commit ----------------------------
+
+INTERMEDIATE_POINTS = (["delete:recorded"]
+                       + ["delete:started", "delete:concluded", "delete:finalized"] * 2
+                       + ["delete:switched", "delete:unlinked", "delete:unlinked"])
+
+
+def x_under_y(vm, n, expected):
+    """x (a large layer), y<n> (a small one, at offsets x's has not), a
+    leaf above: deleting x commits y<n>'s layer into x's, not the leaf."""
+    write_both(vm, 0x20 + n, 0, 4 * K64)
+    snapfs("snapshot", "create", vm.store, "web", "x")
+    write_both(vm, 0x40 + n, (4 + n) * K64, K64)
+    take(vm, f"y{n}", expected)
+    write_both(vm, 0x60 + n, (16 + n) * K64, K64)
+    m = vm.manifest()
+    return snapshots(vm)["x"]["volumes"], dict(m["active"])
+
+
+def check_intermediate(vm, n, x_volumes, active):
+    """x's volumes took y<n>'s place; the leaves are the ones before."""
+    m = vm.manifest()
+    assert m["operation"] is None
+    assert snapshots(vm)[f"y{n}"]["volumes"] == x_volumes
+    assert m["active"] == active
+    disks = m["last_operation"]["disks"]
+    assert {d: x["direction"] for d, x in disks.items()} == {d: "commit" for d in SIZES}
+
+
+@pytest.mark.parametrize("qemu_gone", [False, True], ids=["qemu-runs", "qemu-gone"])
+def test_kill_an_intermediate_commit_at_each_step(tmp_path, vm, qemu_gone):
+    """A delete of x whose child y<n> is not the leaf, committed (y's layer
+    is the smaller): its crash points listed first, then the delete killed
+    at each in turn and recovered by ``snapfs check`` with QEMU running or
+    SIGKILLed.  Each time: the intent gone, x's volumes in y<n>'s place,
+    every view and the leaf as the model says, QEMU writing the manifest's
+    leaves, no orphan file, qemu-img clean, bare backing names."""
+    expected = {}
+    with vm.running():
+        write_both(vm, 0x10, 0, 4 * K64)
+        take(vm, "keep", expected)
+        x_volumes, active = x_under_y(vm, 0, expected)
+        trace = tmp_path / "trace"
+        r = cli(vm, "snapshot", "delete", vm.store, "web", "x",
+                env={"SNAPFS_CRASH_TRACE": str(trace)})
+        assert r.returncode == 0, r.stderr
+        assert [x.split(" ", 1)[1] for x in trace.read_text().splitlines()] == \
+            INTERMEDIATE_POINTS
+        check_intermediate(vm, 0, x_volumes, active)
+        assert vm.tops() == leaves(vm)
+    check_stopped(vm, expected)
+    for n, point in enumerate(INTERMEDIATE_POINTS, 1):
+        with vm.running() as proc:
+            x_volumes, active = x_under_y(vm, n, expected)
+            trace = tmp_path / f"trace{n}"
+            r = cli(vm, "snapshot", "delete", vm.store, "web", "x",
+                    env={"SNAPFS_CRASH_AT": str(n), "SNAPFS_CRASH_TRACE": str(trace)})
+            assert r.returncode == -signal.SIGKILL, (point, r)
+            assert trace.read_text().splitlines()[-1] == f"{n} {point}"
+            assert vm.manifest()["operation"]["op"] == "delete", point
+            if not qemu_gone:
+                r = cli(vm, "check", vm.store)
+                assert r.returncode == 0 and "live delete" in r.stderr, (point, r.stderr)
+                assert vm.tops() == leaves(vm), point
+                write_both(vm, 0x80 + n, 26 * K64 + n * 4096, 4096)    # lands in the leaves
+            else:
+                # The leaf is not merged: QEMU writes it at every step.
+                write_both(vm, 0x80 + n, 26 * K64 + n * 4096, 4096)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if qemu_gone:
+            r = cli(vm, "check", vm.store)
+            assert r.returncode == 0 and "delete" in r.stderr, (point, r.stderr)
+        check_intermediate(vm, n, x_volumes, active)
+        assert set(snapshots(vm)) == set(expected), point
+        # The views on x's volumes (y<n>'s, the leaf's) and the one below;
+        # the older ones were checked in their rounds, and their volumes
+        # are not written since.
+        snaps = snapshots(vm)
+        for name in (f"y{n}", f"y{n - 1}"):
+            for disk, vid in snaps[name]["volumes"].items():
+                assert vm.view(vid) == expected[name][disk], (point, name, disk)
+        for disk, vid in vm.manifest()["active"].items():
+            assert vm.view(vid) == vm.model[disk], (point, disk)
+        vm.check_volumes()
+        check_bare_chains(vm)
 
 
 # -- 4. a merge that keeps failing: the store is full ------------------------------
