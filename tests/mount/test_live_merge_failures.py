@@ -365,14 +365,19 @@ def small_fs(tmp_path):
             subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def fill(directory, leave):
-    """A file that takes all the free space of ``directory``'s filesystem
-    but ``leave`` bytes."""
-    path = directory / "filler"
+def free_space(directory):
     st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(path, leave=0):
+    """A file at ``path`` that takes all the free space of its filesystem
+    but ``leave`` bytes."""
+    size = free_space(path.parent) - leave
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - leave)
+        if size > 0:
+            os.posix_fallocate(fd, 0, size)
     finally:
         os.close(fd)
     return path
@@ -381,8 +386,9 @@ def fill(directory, leave):
 def test_a_merge_that_keeps_failing_leaves_its_intent(tmp_path, small_fs, run_dir):
     """The store's filesystem fills up once the delete is recorded: QEMU's
     commit fails with ENOSPC each time.  The delete, a later create and
-    ``snapfs check`` fail with EIO naming it and change nothing; the views
-    read as taken; with space again, ``snapfs check`` finishes the delete."""
+    ``snapfs check`` fail with EIO naming it and change nothing, and a
+    mount of the full store reads the views as taken; with space again,
+    ``snapfs check`` finishes the delete."""
     store = small_fs / "store"
     snapfs("init", store)
     snapfs("vm", "add", store, "web", "--disk", "sda=4M", "--disk", "data=2M")
@@ -400,7 +406,8 @@ def test_a_merge_that_keeps_failing_leaves_its_intent(tmp_path, small_fs, run_di
         write_both(vm, 0x40, 24 * K64, K64)
 
         with delete_paused_at(vm, tmp_path, "x", "delete:recorded") as (proc, pause):
-            filler = fill(small_fs, leave=16 << 10)
+            # Room for the intent's next step, not for the merge.
+            filler = fill(small_fs / "filler", leave=16 << 10)
             pause.unlink()
             out, err = proc.communicate(timeout=60)
         assert proc.returncode == 1, err
@@ -408,6 +415,10 @@ def test_a_merge_that_keeps_failing_leaves_its_intent(tmp_path, small_fs, run_di
         assert "No space left on device" in line and "snapfs check" in line, line
         job = vm.manifest()["operation"]["live"]["sda"]["job"]
         assert job in line, line
+        # The space QEMU's failed writes left goes too: the store is full,
+        # and what follows must not need to write.
+        rest = fill(small_fs / "rest")
+        assert free_space(small_fs) == 0
         intent = (vm.dir / "manifest.json").read_bytes()
         files = sorted(os.listdir(vm.dir))
 
@@ -440,6 +451,7 @@ def test_a_merge_that_keeps_failing_leaves_its_intent(tmp_path, small_fs, run_di
         unchanged()
 
         filler.unlink()
+        rest.unlink()
         r = cli(vm, "check", store)
         assert r.returncode == 0 and "live delete" in r.stderr, r.stderr
         finished(vm, "x")
