@@ -159,13 +159,15 @@ def _thaw(agent_path):
 
 
 def recover(store, scratch_dirs=()):
-    """Recover every VM of the store, and remove the throwaway overlays of
-    dead daemons from the store's scratch directory and ``scratch_dirs``.
+    """Recover every VM of the store, remove what interrupted imports,
+    clones and removals of VMs left in vms/ (hidden directories), and the
+    throwaway overlays of dead daemons from the store's scratch directory
+    and ``scratch_dirs``.
     Returns lines saying what was done.
 
     The manifests with nothing to recover stay with the store for one
     ``take_loaded`` each: a mount lists them next (Store.load_vms)."""
-    done = store.remove_temporaries()
+    done = store.remove_temporaries() + store.remove_staging_leftovers()
     for directory in dict.fromkeys([default_scratch_dir(store), *scratch_dirs]):
         done += remove_leftover_overlays(directory)
     for line in done:

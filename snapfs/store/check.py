@@ -10,7 +10,9 @@ from ..errors import SnapfsError
 from . import manifest as M
 from .chain import Chain
 from .scratch import LEFTOVER_OVERLAY, SCRATCH, default_scratch_dir, leftover_overlays
-from .store import LOCK, MARKER, SHARED, TEMPORARY_LEFTOVER, VMS
+from .store import (
+    LOCK, MARKER, SHARED, STAGING_LEFTOVER, STAGING_PREFIXES, TEMPORARY_LEFTOVER, VMS,
+)
 from .volume import VolumePool
 
 
@@ -46,7 +48,12 @@ class StoreChecker:
         for name in sorted(os.listdir(self.store.vms_dir)):
             path = os.path.join(self.store.vms_dir, name)
             if name.startswith("."):
-                self.leftover(path, "leftover of an interrupted import or removal")
+                if name.startswith(STAGING_PREFIXES) and not self.repair:
+                    # A VM that a mount is cloning right now (a read-only
+                    # check runs beside it), or a leftover that recovery
+                    # removes when the next writer opens the store.
+                    continue
+                self.leftover(path, STAGING_LEFTOVER)
                 continue
             if not os.path.isdir(path):
                 self.problem(f"{path}: unexpected file in {VMS}/")

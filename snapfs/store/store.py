@@ -22,10 +22,11 @@ import json
 import os
 import shutil
 import stat
+import threading
 import uuid
 from contextlib import contextmanager
 
-from ..errors import Busy, NotFound, StoreError, StoreLocked
+from ..errors import AlreadyExists, Busy, NotFound, StoreError, StoreLocked
 from . import manifest as M
 from .chain import VolumeRef
 from .inuse import held_by_qemu
@@ -38,6 +39,12 @@ VMS = "vms"
 SHARED = "shared"
 LOCK = "lock"
 TEMPORARY_LEFTOVER = "left by an interrupted manifest update"
+# Hidden directories of vms/: a VM being assembled (vm add, vm clone) and
+# renamed into place whole, or one being removed.  Only the process holding
+# the writer lock makes them, so once a writer opens the store any it
+# finds is a leftover of an interrupted one.
+STAGING_PREFIXES = (".import-", ".clone-", ".removed-")
+STAGING_LEFTOVER = "leftover of an interrupted import, clone or removal"
 
 
 class Store:
@@ -46,6 +53,9 @@ class Store:
         self.vms_dir = os.path.join(self.path, VMS)
         self._lock_fd = None
         self._kept = {}     # name -> (Manifest, file identity): see load_vms
+        # Held while a VM is renamed into place: a mount's threads may
+        # clone two VMs to the same name at once.
+        self._installing = threading.Lock()
 
     # -- creation and opening ----------------------------------------------
 
@@ -255,6 +265,42 @@ class Store:
             except FileNotFoundError:     # the usual case: one syscall per VM
                 continue
             done.append(f"removed {path} ({TEMPORARY_LEFTOVER})")
+        return done
+
+    def staging_dir(self, kind):
+        """A new private, hidden directory in vms/ in which a VM is
+        assembled (``kind``: "import", "clone"): no VM until ``install_vm``.
+        Raises OSError."""
+        path = os.path.join(self.vms_dir, f".{kind}-{uuid.uuid4()}")
+        M.private_dir(path)
+        return path
+
+    def install_vm(self, staging, name):
+        """Rename ``staging`` (a whole VM, its manifest written) to VM
+        ``name``: the VM appears at once and whole.  Returns its directory.
+        Raises AlreadyExists if the name was taken meanwhile (``staging``
+        stays the caller's), OSError."""
+        target = self.vm_dir(name)
+        with self._installing:
+            if os.path.lexists(target):
+                raise AlreadyExists(f"VM {name!r} already exists in {self.path}")
+            os.rename(staging, target)
+        M.fsync_dir(self.vms_dir)
+        return target
+
+    def remove_staging_leftovers(self):
+        """Remove the staging directories of imports, clones and removals
+        that a crash interrupted, and return a line for each.  The caller
+        holds the writer lock, so none is in flight.  Raises OSError."""
+        done = []
+        with os.scandir(self.vms_dir) as entries:
+            leftovers = sorted(e.path for e in entries
+                               if e.name.startswith(STAGING_PREFIXES) and e.is_dir())
+        for path in leftovers:
+            shutil.rmtree(path)
+            done.append(f"removed {path} ({STAGING_LEFTOVER})")
+        if done:
+            M.fsync_dir(self.vms_dir)
         return done
 
     def remove_vm(self, name):

@@ -212,3 +212,25 @@ def test_a_symlink_is_copied_not_moved(tmp_path):
     assert not any(p.is_symlink() for p in vm.iterdir())
     assert loose_modes(store)[0] == []
     assert cli(0o022, "check", store).returncode == 0
+
+
+def test_staging_leftovers_are_recovery_and_repair_business(two_vms):
+    """A hidden staging directory in vms/ (an import, a clone or a removal
+    cut short): a read-only check beside a mount may see one in flight and
+    says nothing; recovery (a writer opening the store) and --repair
+    remove it."""
+    from snapfs.ops.recovery import recover
+    staging = two_vms / "vms" / ".clone-1"
+    staging.mkdir(mode=0o700)
+    (staging / "volume").write_bytes(b"x")
+    os.chmod(staging / "volume", 0o600)
+    store = Store.open(two_vms)
+    assert StoreChecker(store).run() == []
+    assert staging.exists()
+    repaired = StoreChecker(store, repair=True).run()
+    assert repaired == [f"repaired: removed {staging} (leftover of an interrupted import, clone "
+                        f"or removal)"]
+    staging.mkdir(mode=0o700)
+    lines = recover(store)
+    assert lines == [f"removed {staging} (leftover of an interrupted import, clone or removal)"]
+    assert sorted(os.listdir(two_vms / "vms")) == ["db", "web"]
