@@ -11,6 +11,8 @@ interrupted (DESIGN.md section 4):
 - delete: the snapshot leaves the namespace with the merge plan recorded;
   the data move and relink are idempotent, so recovery rolls forward.
 - rename: one manifest write.
+- clone: only reads this VM; the new VM is assembled in a hidden directory
+  and renamed into place whole (ops/clone.py).
 
 The caller holds the store's writer lock.  Errors carry their errno:
 ENOENT unknown snapshot, EEXIST name taken, EINVAL bad name or no preview,
@@ -55,6 +57,7 @@ from ..store.inuse import held_by_qemu
 from ..store.manifest import Snapshot, fsync_dir
 from ..store.names import check_description, check_snapshot_name
 from ..store.volume import VolumePool, open_volume
+from .clone import clone_vm
 from .finish import finish_delete, finish_deletions, finish_live_delete, utc_now
 from .merge import check_space, plan_merge
 from .recovery import recover_vm, switch_to_live_overlays
@@ -412,6 +415,13 @@ class VmOperations:
         doomed = set(m.volumes) - m.used_volumes()
         with self.users.hold(m.disks):
             self._drop_volumes(m, "undo", doomed, {"op": "undo", "finished": utc_now()})
+
+    def clone(self, name, new_vm):
+        """Clone snapshot ``name`` into a new VM ``new_vm`` (ops/clone.py).
+        Returns its manifest.  This VM is only read: a clone is fine while
+        a preview is open and while the VM runs in QEMU (a snapshot's
+        volumes never change)."""
+        return clone_vm(self.store, self._load(), name, new_vm, self.progress)
 
     def delete(self, name):
         """Merge the snapshot's volumes away; every other view is unchanged.

@@ -37,7 +37,7 @@ def umask(request):
 @pytest.fixture
 def busy_store(tmp_path, umask):
     """A store through every command that creates files: init, vm add
-    (blank, copied chain, moved chain), snapshot create and delete."""
+    (blank, copied chain, moved chain), snapshot create and delete, vm clone."""
     store = tmp_path / "store"
     cli(umask, "init", store)
     cli(umask, "vm", "add", store, "blank", "--disk", "sda=4M")
@@ -49,17 +49,19 @@ def busy_store(tmp_path, umask):
     cli(umask, "snapshot", "create", store, "blank", "monday")
     cli(umask, "snapshot", "create", store, "copied", "monday")
     cli(umask, "snapshot", "delete", store, "copied", "base")
+    cli(umask, "vm", "clone", store, "copied", "monday", "cloned")
     return store
 
 
 def test_every_store_file_is_private(busy_store, umask):
     bad, seen = loose_modes(busy_store)
     assert bad == []
-    # The walk saw the marker, the lock, vms/, three VMs with manifests and volumes.
-    for path in ("snapfs-store.json", "lock", "vms/moved/manifest.json"):
+    # The walk saw the marker, the lock, vms/, four VMs with manifests and volumes.
+    for path in ("snapfs-store.json", "lock", "vms/moved/manifest.json",
+                 "vms/cloned/manifest.json"):
         assert (busy_store / path).is_file(), path
     assert seen >= 15
-    assert cli(umask, "check", busy_store).stdout.startswith("ok: 3 VM(s)")
+    assert cli(umask, "check", busy_store).stdout.startswith("ok: 4 VM(s)")
 
 
 def test_init_makes_an_existing_empty_directory_private(tmp_path):
@@ -89,7 +91,7 @@ def test_check_flags_and_repairs_loose_modes(busy_store, umask):
     r = cli(umask, "check", "--repair", busy_store)
     assert f"repaired: {volume}: mode 0644 -> 0600" in r.stdout.splitlines(), r.stdout
     assert loose_modes(busy_store)[0] == []
-    assert cli(umask, "check", busy_store).stdout.startswith("ok: 3 VM(s)")
+    assert cli(umask, "check", busy_store).stdout.startswith("ok: 4 VM(s)")
 
 
 # -- leftover manifest temp files ------------------------------------------
