@@ -74,6 +74,8 @@ def parse(command, text):
         if not text:
             raise InvalidArgument(f"control/{command} needs a snapshot name")
         return command, (text,)
+    if command == "clone":
+        return command, parse_clone(text)
     return command, ()     # commit, undo: any text is ignored (``echo yes > commit``)
 
 
@@ -104,3 +106,16 @@ def _parse_json(command, text):
         raise InvalidArgument('control/preview: "snapshot" is a snapshot name, "disks" an '
                               'object of disk: snapshot name')
     return snapshot, disks
+
+
+def parse_clone(text):
+    """(snapshot, new VM) of a control/clone line: ``SNAPSHOT NEW_VM``,
+    split at the last space (a snapshot name may hold spaces, as imported
+    internal snapshots' do), or at a tab when the new VM's name holds
+    spaces too (no name holds a tab).  Raises InvalidArgument."""
+    snapshot, sep, new_vm = text.partition("\t") if "\t" in text else text.rpartition(" ")
+    snapshot, new_vm = snapshot.strip(), new_vm.strip()
+    if not sep or not snapshot or not new_vm:
+        raise InvalidArgument("control/clone takes 'SNAPSHOT NEW_VM' (the snapshot to clone and "
+                              "the new VM's name)")
+    return snapshot, new_vm

@@ -44,14 +44,18 @@ class Listings:
                 continue
             if isinstance(manifest, BaseException):
                 raise manifest
-            vm = VmState(name, manifest)
-            # Every disk has its slot from the start: an operation holds the
-            # slots of the disks it changes (MountUsers.hold), listed or not.
-            for disk in manifest.all_disks:
-                vm.active[disk] = ActiveSlot(self.active_disk(vm, disk))
-            specs.append(dict(name=name, mode=DIR_MODE, mtime_ns=self.time(manifest.created),
-                              timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda vm=vm: self.vm(vm)))
+            specs.append(self.vm_entry(name, manifest))
         return specs
+
+    def vm_entry(self, name, manifest):
+        """The spec of VM ``name``'s directory at the top level."""
+        vm = VmState(name, manifest)
+        # Every disk has its slot from the start: an operation holds the
+        # slots of the disks it changes (MountUsers.hold), listed or not.
+        for disk in manifest.all_disks:
+            vm.active[disk] = ActiveSlot(self.active_disk(vm, disk))
+        return dict(name=name, mode=DIR_MODE, mtime_ns=self.time(manifest.created),
+                    timeout=MUTABLE_TIMEOUT, vm=vm, lister=lambda: self.vm(vm))
 
     def vm(self, vm):
         mtime = self.time(vm.manifest.created)

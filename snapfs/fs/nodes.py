@@ -24,7 +24,7 @@ CONTROL_MODE = stat.S_IFREG | 0o220
 STATUS_MODE = stat.S_IFREG | 0o440
 LINK_MODE = stat.S_IFLNK | 0o777
 
-CONTROL_COMMANDS = ("create", "delete", "preview", "commit", "undo")
+CONTROL_COMMANDS = ("create", "delete", "preview", "commit", "undo", "clone")
 
 
 @dataclass(slots=True)     # a mount of many VMs holds ~100 nodes per VM

@@ -39,9 +39,9 @@ from ..store.names import check_snapshot_name
 @dataclass(eq=False)
 class Job:
     """One operation asked of a VM."""
-    op: str                       # create, delete, rename, preview, commit, undo
+    op: str                       # create, delete, rename, preview, commit, undo, clone
     snapshot: str | None = None   # the snapshot it names (create: the new one)
-    target: str | None = None     # rename: the new name
+    target: str | None = None     # rename: the new name; clone: the new VM
     asked_by: str | None = None   # "mkdir", "rmdir", "mv", "touch", "control/delete"...
     # Queued jobs: runs the operation in the thread that holds the VM
     # (never raises: failures are logged and shown).  None: a request
@@ -225,6 +225,9 @@ class Projection:
         if self.preview is not None:
             self.preview = None
             self.depth = self._depth_before_preview
+
+    def _clone(self, job):
+        """A clone only reads the VM: nothing changes."""
 
 
 def refuse_queued(job, projection, vm=None, volume_path=None, attached=False):

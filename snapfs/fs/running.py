@@ -33,17 +33,18 @@ class OperationRunner:
     # mkdir, rmdir, mv).  Whoever holds the VM runs the queued operations
     # that head the queue before letting it go (_let_go, _drain).
 
-    def _run(self, vm, op, action, snapshot=None, then=None, asked_by=None):
+    def _run(self, vm, op, action, snapshot=None, then=None, asked_by=None, target=None):
         """Run ``action(VmOperations)`` as the VM's one operation, once
         every operation asked before it has run: it waits for a merge
         instead of failing (DESIGN.md section 1).  Refusals are logged and
         kept for control/status.  With ``then``, the rest of the operation,
         ``then(ops, result)``, goes on in a background thread that keeps
-        holding the VM until it is done."""
+        holding the VM until it is done.  ``target``: what the operation
+        makes (a clone: the new VM), for control/status."""
         if self.read_only:
             self._refused(vm, op, ReadOnly("the mount is read-only (-o ro)"))
-        vm.queue.wait_turn(Job(op, snapshot, asked_by=asked_by))
-        return self._run_held(vm, op, action, snapshot, then)
+        vm.queue.wait_turn(Job(op, snapshot, target=target, asked_by=asked_by))
+        return self._run_held(vm, op, action, snapshot, then, target)
 
     def _run_or_queue(self, vm, job, action, then=None, after=None):
         """mkdir, rmdir, mv: run ``action`` (and ``then``) as ``_run`` does
@@ -79,11 +80,11 @@ class OperationRunner:
                  (vm.running or {}).get("op", "an operation"))
         return True
 
-    def _run_held(self, vm, op, action, snapshot, then):
+    def _run_held(self, vm, op, action, snapshot, then, target=None):
         """``_run`` once the VM is held by this request."""
         continuing = False
         try:
-            ops, users, result = self._step(vm, op, snapshot, action, then is not None)
+            ops, users, result = self._step(vm, op, snapshot, action, then is not None, target)
             if then is not None:
                 self._spawn(f"snapfs-{op}-{vm.name}", self._continue,
                             vm, op, ops, then, result, users)
@@ -93,13 +94,15 @@ class OperationRunner:
             if not continuing:
                 self._let_go(vm)
 
-    def _step(self, vm, op, snapshot, action, continues):
+    def _step(self, vm, op, snapshot, action, continues, target=None):
         """Run ``action`` for the job holding the VM; returns (ops, users,
         result).  Refusals are logged, kept and raised.  What it claimed
         stays claimed if the operation ``continues``."""
         users = MountUsers(vm, writing=lambda vids: self._writing(vm, vids))
-        running = vm.running = {"op": op, "snapshot": snapshot, "started": utc_now(),
-                                "progress": None}
+        running = {"op": op, "snapshot": snapshot, "started": utc_now(), "progress": None}
+        if target is not None:
+            running["to"] = target
+        vm.running = running
 
         def progress(done, total):
             running["progress"] = {"done": done, "total": total}

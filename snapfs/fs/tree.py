@@ -16,7 +16,7 @@ import threading
 
 from ..errors import NotFound, SnapfsError
 from ..ops.users import changed_volumes, snapshot_use
-from .nodes import Node
+from .nodes import ROOT_INODE, Node
 from .views import DiskView, PartitionView
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,18 @@ class Tree:
             self._drop_given_up_disks(vm, vm_node)
             wanted = [self.listings.before_preview(vm)] if vm.manifest.preview else []
             self._refresh_children(vm_node, wanted, only={"before-preview"})
+
+    def _show_vm(self, name):
+        """VM ``name`` was added to the store by this mount (a clone): show
+        it at the top level.  A root not listed yet will list it anyway.
+        Raises NotFound, StoreError."""
+        manifest = self.store.load_vm(name)
+        with self._lock:
+            root = self._nodes[ROOT_INODE]
+            if root.children is None or name in root.children:
+                return
+            self._attach(root, self.listings.vm_entry(name, manifest))
+        self.notify(ROOT_INODE, name)     # may be cached as absent
 
     def _retarget_views(self, vm, changed):
         """Point each listed snapshot view at its snapshot's chain now; let

@@ -12,7 +12,7 @@ I/O: the FUSE adapter calls them from worker threads.
     <vm>/snapshots/<name>/snapshot.json
     <vm>/snapshots/latest -> <name>
     <vm>/before-preview/<disk>.raw          while a preview is open
-    <vm>/control/{create,delete,preview,commit,undo,status}
+    <vm>/control/{create,delete,preview,commit,undo,clone,status}
 
 The nodes, and how they follow each VM's manifest after an operation, are
 in fs/tree.py (``Vfs`` is a ``Tree``), and running the operations, one at
@@ -429,11 +429,19 @@ class Vfs(OperationRunner, Tree):
             op, args = control.parse(node.control, line)
         except SnapfsError as e:
             self._refused(node.vm, node.control, e)
-        snapshot = args[0] if op in ("create", "delete", "preview") else None
+        snapshot = args[0] if op in ("create", "delete", "preview", "clone") else None
+        target = args[1] if op == "clone" else None
         # Waits for the operations asked before it (a merge): a control
-        # file's write holds no directory lock.
+        # file's write holds no directory lock.  A clone holds its source VM
+        # (it reads a snapshot, which no merge may change meanwhile); the
+        # other VMs go on.
         self._run(node.vm, op, lambda ops: getattr(ops, op)(*args), snapshot=snapshot,
-                  asked_by=f"control/{node.control}")
+                  asked_by=f"control/{node.control}", target=target)
+        if op == "clone":
+            try:
+                self._show_vm(target)
+            except SnapfsError as e:
+                log.error("VM %s was cloned, but cannot be shown: %s", target, e)
 
     def _status(self, vm):
         m = vm.manifest

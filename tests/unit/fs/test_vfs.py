@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from snapfs.errors import NotFound, ReadOnly
+from snapfs.errors import AlreadyExists, NotFound, ReadOnly
 from snapfs.store.store import Store
 from snapfs.fs.vfs import ROOT_INODE, Vfs
 from tests.support.mounting import snapfs
@@ -88,3 +88,20 @@ def test_writable_open_of_a_snapshot_view_gets_a_private_overlay(vfs, store):
     assert json.loads(vfs._status(node.vm))["overlays"] == []
     assert vfs.read(vfs.open(node.inode, writable=False), 96, 12) == b"\x01" * 12
     assert not (store / "scratch").exists() or list((store / "scratch").iterdir()) == []
+
+
+def test_clone_through_the_control_file_adds_the_vm(vfs, store):
+    control = path(vfs, "web", "control", "clone")
+    handle = vfs.open(control.inode, writable=True, readable=False)
+    assert vfs.write(handle, 0, b"tuesday copy\n") == 13
+    assert [n for n, _ in vfs.listdir(ROOT_INODE)] == ["web", "copy"]
+    copy = path(vfs, "copy", "active", "sda.raw")
+    tuesday = path(vfs, "web", "snapshots", "tuesday", "sda.raw")
+    assert read(vfs, copy, 0, 1 << 20) == read(vfs, tuesday, 0, 1 << 20)
+    assert [n for n, _ in vfs.listdir(path(vfs, "copy", "snapshots").inode)] == []
+    # A name of the top level is taken; the error is kept for control/status.
+    with pytest.raises(AlreadyExists):
+        vfs.write(handle, 0, b"monday copy\n")
+    status = json.loads(read(vfs, path(vfs, "web", "control", "status"), 0, 1 << 16))
+    assert status["last_error"]["errno"] == errno.EEXIST
+    assert [n for n, _ in vfs.listdir(ROOT_INODE)] == ["web", "copy"]
