@@ -276,8 +276,7 @@ def test_clone_through_the_mount_shows_progress_and_the_new_vm(tmp_path, web, mo
         assert (copy / "snapshots" / "first" / "sda.raw").read_bytes() == expected["sda"]
     log = (Path(store) / "snapfs.log").read_text()
     assert "VM copy cloned from snapshot s1 of VM web" in log
-    check_clone_files = manifest(store, "copy")
-    assert [s["name"] for s in check_clone_files["snapshots"]] == ["first"]
+    assert [s["name"] for s in manifest(store, "copy")["snapshots"]] == ["first"]
     assert active_views(store, "copy") == expected
     assert snapfs("check", store).returncode == 0
 
