@@ -17,7 +17,7 @@ standard layered disks: it can be snapshotted like any VM.
   partial snapshot does not hold.  Each is logged (a warning: the CLI
   prints it) and recorded in the new VM's ``last_operation``.
 
-The steps, each followed by a crash point (``SNAPFS_CRASH_AT``):
+The steps, each durable one followed by a crash point (``SNAPFS_CRASH_AT``):
 
 1. check everything that can refuse, writing nothing: ENOENT (no such
    snapshot), EEXIST (the new name is taken), EINVAL (invalid name),
@@ -38,9 +38,10 @@ read: the caller holds the store's lock (CLI) or the source VM's turn
 (mount), so no merge of the source runs meanwhile, and a running QEMU
 writes only the active leaves.
 
-Limitation: a volume's virtual size is the snapshot's rounded up to a
-multiple of 512 bytes, as qcow2 sizes are: an imported raw base of an odd
-size reads with zeros past its end, as its active overlay does.
+Limitation: a new volume's virtual size is a multiple of 512 bytes (as
+``create_image`` makes them): a snapshot of an odd virtual size, which
+qemu-img never makes, gives a volume a little larger, reading zeros past
+the snapshot's end.
 """
 
 import errno
