@@ -2,7 +2,7 @@
 device stands in for it) and a shareable disk attached to two VMs.  Writes
 through ``active/`` reach the device and the shared volume, one VM's
 writes show in the other's view, and every operation (create, partial
-create, preview, custom preview, undo, commit, delete, live create) leaves
+create, preview, custom preview, undo, commit, delete, clone, live create) leaves
 both untouched, byte for byte.  Bad input is refused in one line, with
 nothing half-imported."""
 
@@ -147,6 +147,9 @@ def test_operations_never_touch_them(tmp_path, kinds_store, lun):
         (snaps / "three").touch()
         os.rmdir(snaps / "one")
         unchanged("delete")
+        control(vm, "clone", "three copy")
+        unchanged("clone")
+        assert sorted(os.listdir(mnt / "copy" / "active")) == ["quorum.raw", "sda.raw"]
     snapfs("snapshot", "create", kinds_store, "db", "cli")
     snapfs("snapshot", "delete", kinds_store, "db", "cli")
     unchanged("CLI create and delete in the other VM")
