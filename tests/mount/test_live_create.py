@@ -95,6 +95,35 @@ def test_live_snapshots_from_the_cli_and_the_mount(tmp_path, vm):
     vm.check_volumes()
 
 
+def test_a_partial_live_snapshot_switches_only_its_disks(tmp_path, vm):
+    """RHV's "disks to include" while the VM runs: one disk gets a new
+    layer inside QEMU, the other keeps writing its leaf; then the partial
+    snapshot is deleted live, and QEMU's own tools read every view."""
+    with vm.running():
+        vm.write("sda", 0x31, 0, K64)
+        vm.write("data", 0x41, 0, K64, flush=True)
+        before = vm.manifest()["active"]
+        held = vm.snapshot_model()["data"]
+        snapfs("snapshot", "create", vm.store, "web", "only-data", "--disks", "data")
+        m = vm.manifest()
+        assert snapshots(vm)["only-data"]["volumes"] == {"data": before["data"]}
+        assert m["active"]["sda"] == before["sda"] and m["active"]["data"] != before["data"]
+        assert vm.tops() == {d: str(vm.dir / v) for d, v in m["active"].items()}
+        vm.write("data", 0x42, 0, 4096, flush=True)
+        vm.write("sda", 0x32, 0, 4096, flush=True)
+    assert vm.view(snapshots(vm)["only-data"]["volumes"]["data"]) == held
+    vm.check_volumes()
+    with vm.running():
+        snapfs("snapshot", "delete", vm.store, "web", "only-data")
+        last = vm.manifest()["last_operation"]
+        assert last["live"] is True and set(last["disks"]) == {"data"}, last
+        vm.write("data", 0x43, K64, 4096, flush=True)
+    m = vm.manifest()
+    for disk, vid in m["active"].items():
+        assert vm.view(vid) == vm.model[disk], disk
+    vm.check_volumes()
+
+
 def test_an_agent_that_never_answers_costs_a_bounded_wait(vm, monkeypatch):
     monkeypatch.setenv("SNAPFS_AGENT_TIMEOUT", "0.5")
     with vm.running(agent=True):
