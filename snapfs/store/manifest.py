@@ -23,9 +23,11 @@ Schema (version 1)::
                            # guest freeze, or live with it frozen through the agent;
                            # "offline" when missing (manifests from before live create)
      "active": {disk: UUID},
-     "preview": null | {"snapshot": UUID, "before": {disk: UUID}},
+     "preview": null | {"snapshot": UUID, "before": {disk: UUID},
+                        "disks": {disk: UUID}},
                            # while a preview is open: the previewed snapshot and
-                           # the previous active leaves ("before preview")
+                           # the previous active leaves ("before preview"); a
+                           # custom preview's disks from other snapshots ("disks")
      "operation": null | {"op": ..., ...},
                            # an operation in progress, for recovery (ops/recovery.py);
                            # a live create: {"op": "create", "new": {disk: UUID},
@@ -212,6 +214,10 @@ class Manifest:
                 _check_disk_map(m.preview["before"], disks, volumes)
                 if not any(s.id == m.preview["snapshot"] for s in snapshots):
                     raise ValueError("the previewed snapshot does not exist")
+                # A custom preview: {disk: id of the snapshot it came from}.
+                for disk, sid in (m.preview.get("disks") or {}).items():
+                    if disk not in disks or not any(s.id == sid for s in snapshots):
+                        raise ValueError(f"the custom preview of disk {disk!r} is unknown")
             if m.operation is not None and not isinstance(m.operation.get("op"), str):
                 raise ValueError("malformed operation record")
             for disk in disks:
