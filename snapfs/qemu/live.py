@@ -8,24 +8,41 @@ verified before anything is done with it (``verify.py``).
 """
 
 import contextlib
+import time
 
-from ..errors import QemuNotRunning
+from ..errors import QemuError, QemuNotRunning, QemuTimeout
 from .attach import read_record
 from .qmp import QmpSession
 from .verify import check_runs_active
+
+EXIT_WAIT = 2.0      # seconds a QEMU that hangs up on a new client gets to be gone
+EXIT_POLL = 0.05
 
 
 def connect(record):
     """An open, unverified ``QmpSession`` to the QEMU of attach record
     ``record`` (its guest agent's socket, or None, as ``guest_agent``), or
-    None if that QEMU is not running.  Raises QemuTimeout, QemuError."""
-    session = QmpSession(record["qmp"])
-    session.guest_agent = record.get("guest_agent")
-    try:
-        session.open()
-    except QemuNotRunning:
-        return None
-    return session
+    None if that QEMU is not running.  Raises QemuTimeout, QemuError.
+
+    A QEMU that hangs up before its greeting is exiting (one that serves
+    another client keeps a new one waiting: QemuTimeout): it is asked
+    again until it is gone (None), for at most EXIT_WAIT seconds."""
+    deadline = time.monotonic() + EXIT_WAIT
+    while True:
+        session = QmpSession(record["qmp"])
+        session.guest_agent = record.get("guest_agent")
+        try:
+            session.open()
+        except QemuNotRunning:
+            return None
+        except QemuTimeout:
+            raise
+        except QemuError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(EXIT_POLL)
+            continue
+        return session
 
 
 def live_session(store, m):
