@@ -171,7 +171,14 @@ def finish_live_delete(store, m, plans, progress=None, save=None, users=None):
             moved = {p.disk for p in plans if p.direction == "commit" and not p.d
                      and m.operation["live"][p.disk]["step"] in _IN_B}
             return finish_delete(store, m, plans, progress, save, users, moved)
-        live_cleanup(store, m, qmp, save)
+        try:
+            live_cleanup(store, m, qmp, save)
+        except QemuError:
+            qmp.close()
+            qmp = live_session(store, m)
+            if qmp is not None:
+                raise                     # QEMU runs: recovery unlinks once it closed them
+            live_cleanup(store, m, None, save)   # QEMU went away: nothing holds them
     finally:
         if qmp is not None:
             qmp.close()

@@ -13,7 +13,8 @@ import pytest
 
 from snapfs.qemu.live import connect
 from tests.support.live_vm import LiveVm
-from tests.support.mounting import mounted, snapfs
+from tests.support.mounting import mounted, snapfs, wait_for
+from tests.support.qemu_vm import stop
 
 pytestmark = pytest.mark.mount
 
@@ -103,6 +104,46 @@ def test_live_delete_whose_qemu_exits_finishes_offline(tmp_path, vm):
                     keep[disk], disk
                 assert (mnt / "web" / "active" / f"{disk}.raw").read_bytes() == \
                     vm.model[disk], disk
+    for disk, vid in m["active"].items():
+        assert vm.view(vid) == vm.model[disk], disk
+    vm.check_volumes()
+
+
+def test_qemu_that_exits_after_the_switch_of_a_live_delete(tmp_path, vm):
+    """Found by the model: rmdir, then QEMU stopped while snapfs cleaned up
+    after the live merge (the manifest switched, the merged-away files not
+    unlinked yet).  The cleanup's query of QEMU's nodes failed and so did
+    the delete (EIO, its intent left for the next operation), though QEMU
+    was gone and held nothing: the files must go at once.  Made
+    deterministic with the delete paused right after its switch."""
+    flag = tmp_path / "paused"
+    with vm.running() as proc:
+        vm.write("sda", 0x11, 0, 3 * K64)
+        snapfs("snapshot", "create", vm.store, "web", "keep")
+        keep = vm.snapshot_model()
+        vm.write("sda", 0x12, K64, 4 * K64)
+        vm.write("data", 0x21, 0, K64)
+        snapfs("snapshot", "create", vm.store, "web", "gone")
+        vm.write("sda", 0x13, 2 * K64, K64)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPFS_")}
+        env.update(SNAPFS_RUN_DIR=os.environ["SNAPFS_RUN_DIR"],
+                   SNAPFS_PAUSE_AT="delete:switched", SNAPFS_PAUSE_FILE=str(flag))
+        delete = subprocess.Popen([sys.executable, "-m", "snapfs.cli", "snapshot", "delete",
+                                   vm.store, "web", "gone"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert wait_for(flag.exists, timeout=30)
+            assert vm.manifest()["operation"]["phase"] == "cleanup"
+            stop(proc)                         # QEMU exits; snapfs still holds its session
+        finally:
+            flag.unlink(missing_ok=True)
+            out, err = delete.communicate(timeout=60)
+    assert delete.returncode == 0, err
+    m = vm.manifest()
+    assert m["operation"] is None, m["operation"]
+    assert [s["name"] for s in m["snapshots"]] == ["keep"]
+    for disk, vid in m["snapshots"][0]["volumes"].items():
+        assert vm.view(vid) == keep[disk], disk
     for disk, vid in m["active"].items():
         assert vm.view(vid) == vm.model[disk], disk
     vm.check_volumes()
