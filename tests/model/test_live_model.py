@@ -57,9 +57,9 @@ guest's), so every create waits until the VM is idle.
 
 Deterministic: ``derandomize`` (no example database), a fixed number of
 examples and steps (hypothesis also starts a few examples that it drops
-early).  Runtime: about 3.5 s per example (QEMU, mount, up to 20 steps,
-final checks) on 2 idle cores: the default 30 examples take about 2
-minutes.  SNAPFS_LIVE_MODEL_EXAMPLES=N overrides the count; the
+early).  Runtime: about 3 s per example (QEMU, mount, up to 20 steps,
+final checks) on 2 cores: the default 30 examples take about 1.5 minutes
+on idle cores, 2 to 3 when other tests share them.  SNAPFS_LIVE_MODEL_EXAMPLES=N overrides the count; the
 "thorough" profile (SNAPFS_TEST_PROFILE) runs ten times as many.  A
 failed example's directory (store, store/snapfs.log, the QEMU log) is
 kept and listed in the printed stats.
