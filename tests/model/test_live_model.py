@@ -90,6 +90,10 @@ from hypothesis.stateful import (
 from snapfs.qemu.merge import open_paths
 from snapfs.qemu.qmp import QmpSession
 from tests.support.live_vm import LiveVm
+from tests.support.model_checks import (
+    attempt as _attempt, check_bytes as _check_bytes, read_file as _read_file,
+    touch as _touch,
+)
 from tests.support.mounting import mounted, snapfs, snapfs_mounts
 
 pytestmark = [pytest.mark.mount,
@@ -115,22 +119,6 @@ PART_RE = re.compile(r"-part\d+\.raw$")     # partition views, if a pattern look
 
 # -- helpers -------------------------------------------------------------------
 
-def _errname(code):
-    return errno.errorcode.get(code, str(code)) if code else "success"
-
-
-def _attempt(expected, action, what):
-    """Run ``action``: it must succeed if ``expected`` is None, else fail
-    with OSError errno ``expected``."""
-    try:
-        action()
-    except OSError as e:
-        assert e.errno == expected, \
-            f"{what}: expected {_errname(expected)}, got {_errname(e.errno)} ({e})"
-        return
-    assert expected is None, f"{what}: expected {_errname(expected)}, but it succeeded"
-
-
 def _cli(expected, what, *args):
     """``snapfs ARGS``: it must succeed if ``expected`` is None, else fail
     with an error message containing ``expected``."""
@@ -143,45 +131,11 @@ def _cli(expected, what, *args):
     return r
 
 
-def _read_file(path, chunk=1 << 20):
-    out = bytearray()
-    with open(path, "rb", buffering=0) as f:
-        while data := f.read(chunk):
-            out += data
-    return bytes(out)
-
-
-def _check_bytes(got, want, what):
-    if got == want:
-        return
-    if len(got) != len(want):
-        raise AssertionError(f"{what}: {len(got)} bytes, the model has {len(want)}")
-    diff = [i for i in range(0, len(want), 512) if got[i:i + 512] != want[i:i + 512]]
-    first = next(i for i in range(diff[0], diff[0] + 512) if got[i] != want[i])
-    raise AssertionError(
-        f"{what} differs from the model: {len(diff)} differing sector(s), first byte at "
-        f"{first} (cluster {first // CLUSTER}): got {got[first:first + 8].hex()} "
-        f"want {want[first:first + 8].hex()}")
-
-
 def _control(vm_dir, command, text):
     """``echo TEXT > VM/control/COMMAND``: one command per write."""
     fd = os.open(vm_dir / "control" / command, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, text.encode() + b"\n")
-    finally:
-        os.close(fd)
-
-
-def _touch(path, exclusive):
-    """What ``touch`` does: open(O_CREAT) and set the times; with
-    ``exclusive`` an existing name is EEXIST rather than EISDIR."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK
-    if exclusive:
-        flags |= os.O_EXCL
-    fd = os.open(path, flags, 0o666)
-    try:
-        os.utime(fd)
     finally:
         os.close(fd)
 

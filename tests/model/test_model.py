@@ -48,6 +48,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from tests.support.model_checks import (
+    attempt as _attempt, check_bytes as _check_bytes, read_file as _read_file,
+    touch as _touch,
+)
 from tests.support.mounting import mounted, snapfs, snapfs_mounts
 from tests.support.qemu import check, is_clean, to_raw
 
@@ -73,44 +77,6 @@ PART_RE = re.compile(r"-part\d+\.raw$")     # partition views, if random data lo
 
 # -- helpers -------------------------------------------------------------------
 
-def _errname(code):
-    return errno.errorcode.get(code, str(code)) if code else "success"
-
-
-def _attempt(expected, action, what):
-    """Run ``action``; it must succeed if ``expected`` is None, else fail
-    with OSError errno ``expected``."""
-    try:
-        action()
-    except OSError as e:
-        assert e.errno == expected, \
-            f"{what}: expected {_errname(expected)}, got {_errname(e.errno)} ({e})"
-        return
-    assert expected is None, f"{what}: expected {_errname(expected)}, but it succeeded"
-
-
-def _read_file(path, chunk=1 << 20):
-    out = bytearray()
-    with open(path, "rb", buffering=0) as f:
-        while data := f.read(chunk):
-            out += data
-    return bytes(out)
-
-
-def _first_difference(got, want):
-    if len(got) != len(want):
-        return f"length {len(got)} != {len(want)}"
-    diff = [i for i in range(0, len(want), 512) if got[i:i + 512] != want[i:i + 512]]
-    first = next(i for i in range(diff[0], diff[0] + 512) if got[i] != want[i])
-    return (f"{len(diff)} differing sector(s), first byte at {first} (cluster {first // CLUSTER}): "
-            f"got {got[first:first + 8].hex()} want {want[first:first + 8].hex()}")
-
-
-def _check_bytes(got, want, what):
-    if got != want:
-        raise AssertionError(f"{what} differs from the model: {_first_difference(got, want)}")
-
-
 def _disk_names(listing):
     return sorted(n for n in listing if not PART_RE.search(n))
 
@@ -120,19 +86,6 @@ def _control(mnt, command, text):
     fd = os.open(mnt / "vm" / "control" / command, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, text.encode() + b"\n")
-    finally:
-        os.close(fd)
-
-
-def _touch(path, exclusive):
-    """What ``touch`` does: open(O_CREAT) and set the times; with
-    ``exclusive`` an existing name is EEXIST rather than EISDIR."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK
-    if exclusive:
-        flags |= os.O_EXCL
-    fd = os.open(path, flags, 0o666)
-    try:
-        os.utime(fd)
     finally:
         os.close(fd)
 
