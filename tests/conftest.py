@@ -55,3 +55,19 @@ def store(tmp_path):
     path = tmp_path / "store"
     snapfs("init", path)
     return path
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 96 MiB ext4 filesystem, loop-mounted; always unmounted."""
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(96 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], check=True)
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 
 import pytest
 
@@ -21,20 +20,6 @@ from tests.support.mounting import mounted, snapfs
 from tests.support.qemu import check, qemu_img, qemu_io, to_raw
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 96 MiB ext4 filesystem, loop-mounted; always unmounted."""
-    image = tmp_path / "fs.img"
-    with open(image, "wb") as f:
-        f.truncate(96 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], check=True)
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def build_vm(tmp_path, store):
