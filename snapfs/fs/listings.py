@@ -18,7 +18,7 @@ from .nodes import (
     MUTABLE_TIMEOUT, SNAPSHOTS_DIR_MODE, STATUS_MODE, VIEW_MODE, VmState,
 )
 from .partition_reuse import chain_partitions, read_table
-from .partitions import find_partitions
+from ..guestfs.partitions import find_partitions
 from .snapshot_json import SnapshotJson
 from .views import ActiveDisk, ActiveSlot, DiskView, PartitionView
 

@@ -18,7 +18,7 @@ the volumes above it are then compared with that table.
 from dataclasses import dataclass
 
 from ..errors import SnapfsError
-from .partitions import find_partitions
+from ..guestfs.partitions import find_partitions
 
 
 @dataclass(frozen=True, slots=True)

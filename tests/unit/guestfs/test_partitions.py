@@ -1,4 +1,4 @@
-"""snapfs.fs.partitions against tables written, and read back, by real tools.
+"""snapfs.guestfs.partitions against tables written, and read back, by real tools.
 
 Images are small sparse files; sfdisk writes MBR tables, sgdisk writes GPTs,
 and ``sfdisk --json`` (util-linux's independent parser) is the reference for
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapfs.fs.partitions import Partition, find_partitions
+from snapfs.guestfs.partitions import Partition, find_partitions
 
 MiB = 1 << 20
 SECTOR = 512

@@ -1,0 +1,34 @@
+"""Which filesystem a view holds, and the reader that serves it.
+
+The first bytes decide (each format's magic number); a format no reader
+serves, or one that fails to open, gives no tree and a reason for the log.
+"""
+
+from __future__ import annotations
+
+from ..errors import SnapfsError
+from . import ext
+
+
+def open_guest_fs(read, size):
+    """(GuestFs, None), or (None, why not) when the view holds no
+    filesystem that snapfs can show."""
+    try:
+        head = read(0, 4096)
+        if ext.is_ext(read):
+            return ext.ExtGuestFs(read, size), None
+    except SnapfsError as e:
+        return None, str(e)
+    return None, _unknown(head)
+
+
+def _unknown(head):
+    if head[:4] == b"XFSB":
+        return "XFS: no reader for it"
+    if head[3:11] == b"NTFS    ":
+        return "NTFS: no reader for it"
+    if head[510:512] == b"\x55\xaa" and head[82:87] == b"FAT32" or head[54:59] in (b"FAT12", b"FAT16"):
+        return "FAT: no reader for it"
+    if not any(head):
+        return "no filesystem (the first 4 KiB are zeros)"
+    return "no filesystem snapfs can read"
