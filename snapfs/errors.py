@@ -49,6 +49,11 @@ class NotPermitted(SnapfsError):
     errno = errno.EPERM
 
 
+class NoAttribute(SnapfsError):
+    """getxattr of an attribute the file does not have."""
+    errno = errno.ENODATA
+
+
 class CrossDevice(SnapfsError):
     errno = errno.EXDEV
 

@@ -122,6 +122,9 @@ class SnapfsOperations(pyfuse3.Operations):
         attr.generation = 0
         attr.entry_timeout = node.timeout
         attr.attr_timeout = node.timeout
+        guest = self.vfs.guest_stat(node)
+        if guest is not None:
+            return self._guest_attrs(attr, guest)
         attr.st_mode = node.mode
         attr.st_nlink = 2 if node.is_dir else 1
         attr.st_uid = self.uid
@@ -132,6 +135,24 @@ class SnapfsOperations(pyfuse3.Operations):
         attr.st_blksize = 1 << 16
         attr.st_blocks = -(-size // 512)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = node.mtime_ns
+        return attr
+
+    def _guest_attrs(self, attr, st):
+        """A file in a tree: the guest's owner, mode, links and times (the
+        kernel checks the modes against host users), or, with the mount
+        option ``owner_files``, the mount owner's with no group or other
+        bits."""
+        if self.vfs.owner_files:
+            attr.st_mode = st.mode & ~0o077
+            attr.st_uid, attr.st_gid = self.uid, self.gid
+        else:
+            attr.st_mode, attr.st_uid, attr.st_gid = st.mode, st.uid, st.gid
+        attr.st_nlink = st.nlink
+        attr.st_rdev = st.rdev
+        attr.st_size = st.size
+        attr.st_blksize = 1 << 16
+        attr.st_blocks = -(-st.size // 512)
+        attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns = st.atime_ns, st.mtime_ns, st.ctime_ns
         return attr
 
     def _waiting_limiter(self, node):
@@ -194,6 +215,12 @@ class SnapfsOperations(pyfuse3.Operations):
     async def readlink(self, inode, ctx):
         target = await self._run(self.vfs.readlink, inode)
         return os.fsencode(target)
+
+    async def getxattr(self, inode, name, ctx):
+        return await self._run(self.vfs.getxattr, inode, name)
+
+    async def listxattr(self, inode, ctx):
+        return list(await self._run(self.vfs.listxattr, inode))
 
     async def opendir(self, inode, ctx):
         node = await self._run(self.vfs.node, inode)

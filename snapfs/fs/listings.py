@@ -17,6 +17,7 @@ from .nodes import (
     ACTIVE_MODE, CONTROL_COMMANDS, CONTROL_MODE, DIR_MODE, DISK_VIEW_MODE, LINK_MODE,
     MUTABLE_TIMEOUT, SNAPSHOTS_DIR_MODE, STATUS_MODE, VIEW_MODE, VmState,
 )
+from .filetree import FileTrees
 from .partition_reuse import chain_partitions, read_table
 from ..guestfs.partitions import find_partitions
 from .snapshot_json import SnapshotJson
@@ -35,6 +36,7 @@ class Listings:
         self.mount_time_ns = mount_time_ns
         self._opener = None         # ThreadPoolExecutor of _open_ahead, made on first use
         self._opened = set()        # volume paths _open_ahead has seen open
+        self.trees = FileTrees()
 
     def root(self):
         specs = []
@@ -207,16 +209,35 @@ class Listings:
             specs.append(dict(name=f"{disk}.raw", mode=DISK_VIEW_MODE, mtime_ns=mtime, view=view,
                               vm=vm, owner=owner))
             views[disk] = view
-            for part in self._view_partitions(vm, view):
+            parts = self._view_partitions(vm, view)
+            for part in parts:
+                part_view = PartitionView(view, part.start, part.length)
                 specs.append(dict(name=f"{disk}-part{part.number}.raw", mode=DISK_VIEW_MODE,
-                                  mtime_ns=mtime, vm=vm, owner=owner,
-                                  view=PartitionView(view, part.start, part.length)))
+                                  mtime_ns=mtime, vm=vm, owner=owner, view=part_view))
+                specs.extend(self._file_tree(vm, f"{disk}-part{part.number}", part_view,
+                                             snapshot, owner, mtime))
+            if not parts:
+                specs.extend(self._file_tree(vm, f"{disk}.files", view, snapshot, owner, mtime))
         if snapshot is not None:
             vm.snapshot_views[snapshot.id] = views
             specs.append(dict(name="snapshot.json", mode=VIEW_MODE, mtime_ns=mtime, vm=vm,
                               immutable=False, timeout=MUTABLE_TIMEOUT,
                               render=SnapshotJson(vm, snapshot.id, views)))
         return specs
+
+    def _file_tree(self, vm, name, view, snapshot, owner, mtime):
+        """[the spec of directory ``name``, the files of the filesystem in
+        ``view``], or [] when there is none snapfs can read (logged)."""
+        where = f"snapshots/{snapshot.name}" if snapshot else "before-preview"
+        try:
+            tree = self.trees.make(view, f"{vm.name}/{where}/{name}")
+        except SnapfsError as e:        # the view itself is broken (logged)
+            log.info("%s/%s/%s: no file tree: %s", vm.name, where, name, e)
+            return []
+        if tree is None:
+            return []
+        return [dict(name=name, mode=DIR_MODE, mtime_ns=mtime, vm=vm, owner=owner,
+                     filetree=tree)]
 
     def _view_partitions(self, vm, view):
         """The partitions of a read-only view (a snapshot, before-preview),

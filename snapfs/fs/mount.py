@@ -130,7 +130,7 @@ def _serve(store, mountpoint, opts, ready):
         # The VM keeps its pending operation; the next operation retries it.
         log.error("recovery incomplete: %s", e)
     vfs = Vfs(store, read_only=opts.read_only, scratch_dir=opts.scratch_dir,
-              scratch_limit=opts.scratch_limit)
+              scratch_limit=opts.scratch_limit, owner_files=opts.owner_files)
     try:
         try:
             options = mount_options(store.path, opts.allow_other, opts.fuse_flags)

@@ -42,12 +42,15 @@ _IGNORED = {
 # comment= and x-* (fstab annotations for other tools).
 _IGNORED_PREFIXES = ("user=", "comment=", "x-")
 
-SNAPFS_OPTIONS = "allow_other, ro, rw, scratch=DIR, scratch_limit=SIZE"
+SNAPFS_OPTIONS = "allow_other, owner_files, ro, rw, scratch=DIR, scratch_limit=SIZE"
 
 
 @dataclass
 class MountOptions:
     allow_other: bool = False
+    # The files inside snapshots (file trees) show as the mount owner's,
+    # with no group or other bits, instead of the guest's owners and modes.
+    owner_files: bool = False
     read_only: bool = False
     scratch_dir: str = None
     scratch_limit: int = None
@@ -66,6 +69,8 @@ def parse_mount_options(options):
             continue
         if opt == "allow_other":
             result.allow_other = True
+        elif opt == "owner_files":
+            result.owner_files = True
         elif opt in ("ro", "rw"):
             result.read_only = opt == "ro"
         elif opt in _PASSED_FLAGS:

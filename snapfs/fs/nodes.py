@@ -52,6 +52,8 @@ class Node:
     # A shareable disk or a LUN: others change its bytes (other VMs, QEMU,
     # the host), so it bypasses the page cache.
     shared: bool = False
+    # The directory of a filesystem's files (fs/filetree.py): its FileTree.
+    filetree: object = None
 
     @property
     def is_dir(self):
@@ -78,6 +80,8 @@ class Handle:
     overlay: object = None
     # An active view: its ActiveSlot, told when the file is released.
     active: object = None
+    # A file in a tree (fs/filetree.py): its bytes, as FileTree.open gave them.
+    guest: object = None
 
 
 @dataclass

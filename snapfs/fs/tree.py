@@ -69,6 +69,8 @@ class Tree:
         spec = dict(spec)
         name = spec.pop("name")
         child = self._add(name, parent.inode, **spec)
+        if child.filetree is not None:
+            child.filetree.top = child
         if child.vm is not None and child.vm.inode == 0:
             child.vm.inode = child.inode
         parent.children[name] = child.inode
@@ -187,6 +189,8 @@ class Tree:
         if node is None or node.stale:
             return
         node.stale = True
+        if node.filetree is not None:
+            self.listings.trees.drop(node.filetree)
         view = node.view.disk if isinstance(node.view, PartitionView) else node.view
         if isinstance(view, DiskView):
             view.release()

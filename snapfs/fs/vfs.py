@@ -28,8 +28,8 @@ import os
 import time
 
 from ..errors import (
-    Busy, CrossDevice, InvalidArgument, NameTooLong, NotFound, NotPermitted, PermissionDenied,
-    ReadOnly, SnapfsError,
+    Busy, CrossDevice, InvalidArgument, NameTooLong, NoAttribute, NotFound, NotPermitted,
+    PermissionDenied, ReadOnly, SnapfsError,
 )
 from ..ops.users import is_active_write, snapshot_use
 from ..store.inuse import held_by_qemu
@@ -37,6 +37,7 @@ from ..store.names import MAX_NAME_BYTES
 from ..store.scratch import default_scratch_dir
 from ..store.volume import VolumePool
 from . import control
+from .filetree import GuestEntry, is_guest_inode, refuse_change
 from .listings import Listings
 from .malloc_arena import one_malloc_arena
 from .nodes import DIR_MODE, MUTABLE_TIMEOUT, ROOT_INODE, VIEW_MODE, Handle, Node
@@ -52,13 +53,16 @@ log = logging.getLogger(__name__)
 
 class Vfs(OperationRunner, Tree):
     def __init__(self, store, pool=None, notify=None, notify_inode=None, *, read_only=False,
-                 scratch_dir=None, scratch_limit=None):
+                 scratch_dir=None, scratch_limit=None, owner_files=False):
         """``read_only``: the mount's ``ro`` option.  ``scratch_dir`` and
         ``scratch_limit`` (bytes): where the throwaway overlays of snapshot
         views opened for writing live, and how large they may grow in all
-        (None: the defaults of fs/overlays.py)."""
+        (None: the defaults of fs/overlays.py).  ``owner_files``: the
+        mount option of that name (fs/filetree.py, fs/fuse.py)."""
         one_malloc_arena()
         self.read_only = read_only
+        # Files in trees show as the mount owner's (mount option owner_files).
+        self.owner_files = owner_files
         self.scratch = Scratch(scratch_dir or default_scratch_dir(store), scratch_limit)
         pool = pool or VolumePool()
         self.mount_time_ns = time.time_ns()
@@ -70,21 +74,59 @@ class Vfs(OperationRunner, Tree):
 
     # -- lookups and reads ---------------------------------------------------
 
+    def node(self, inode):
+        """The Node at ``inode``, or the GuestEntry of a file in a tree
+        (fs/filetree.py).  Raises NotFound."""
+        if is_guest_inode(inode):
+            return self.listings.trees.of(inode).entry(inode)
+        return super().node(inode)
+
     def lookup(self, parent, name):
         """The child ``name`` of directory inode ``parent``.  Raises NotFound."""
         if len(os.fsencode(name)) > MAX_NAME_BYTES:
             raise NameTooLong(f"no entry can have a name of over {MAX_NAME_BYTES} bytes")
-        inode = self._children(self.node(parent)).get(name)
+        node = self.node(parent)
+        tree = _tree_of(node)
+        if tree is not None:
+            return tree.lookup(parent, os.fsencode(name))
+        inode = self._children(node).get(name)
         if inode is None:
             raise NotFound(f"no entry {name!r}")
         return self._nodes[inode]
 
     def listdir(self, inode):
         """[(name, Node)] in a stable order."""
-        children = self._children(self.node(inode))
+        node = self.node(inode)
+        tree = _tree_of(node)
+        if tree is not None:
+            if not node.is_dir:
+                raise NotFound(f"{node.name} is not a directory")
+            return [(os.fsdecode(name), entry) for name, entry in tree.listdir(inode)]
+        children = self._children(node)
         return [(name, self._nodes[i]) for name, i in list(children.items())]
 
+    def guest_stat(self, node):
+        """The guest's Stat of a file in a tree or of a tree's root, else None."""
+        if isinstance(node, GuestEntry):
+            return node.stat
+        if node.filetree is not None and not node.stale:
+            return node.filetree.root_stat()
+        return None
+
+    def getxattr(self, inode, name):
+        found = self.listxattr(inode)
+        if name not in found:
+            raise NoAttribute(f"no attribute {name!r}")
+        return found[name]
+
+    def listxattr(self, inode):
+        """{name: value} of a file in a tree (none elsewhere)."""
+        tree = _tree_of(self.node(inode))
+        return tree.xattrs(inode) if tree is not None else {}
+
     def size(self, node):
+        if isinstance(node, GuestEntry):
+            return node.stat.size
         if node.view is not None and not isinstance(node.view, bytes):
             return node.view.size
         if node.control == "status":
@@ -94,7 +136,10 @@ class Vfs(OperationRunner, Tree):
         return node.size
 
     def readlink(self, inode):
-        return self.node(inode).target
+        node = self.node(inode)
+        if isinstance(node, GuestEntry):
+            return node.tree.readlink(inode)
+        return node.target
 
     def open(self, inode, writable, readable=True):
         node = self.node(inode)
@@ -102,6 +147,8 @@ class Vfs(OperationRunner, Tree):
             raise NotFound(f"{node.name} was removed")
         if node.is_dir:
             raise InvalidArgument("is a directory")
+        if isinstance(node, GuestEntry):
+            return self._open_guest(node, writable)
         if writable and self.read_only:
             # The kernel refuses first on an ro mount; this covers any path around it.
             raise ReadOnly(f"{node.name}: the mount is read-only (-o ro)")
@@ -157,6 +204,17 @@ class Vfs(OperationRunner, Tree):
             handle.active = disk
         return handle
 
+    def _open_guest(self, node, writable):
+        """A file inside a tree: read-only, and only regular files."""
+        if writable:
+            raise ReadOnly(f"{node.name}: the files of a snapshot never change")
+        handle = Handle(node, guest=node.tree.open(node.inode))
+        # Open files of a snapshot's tree hold it like its views do.
+        if node.owner is not None:
+            open_use(node.vm, node.owner)
+            handle.use = node.owner
+        return handle
+
     def closed(self, handle):
         """The kernel released ``handle`` (cheap: called in the event loop;
         an overlay is let go in ``release``)."""
@@ -168,6 +226,8 @@ class Vfs(OperationRunner, Tree):
         if handle.data is not None:
             return handle.data[offset:offset + length]
         node = handle.node
+        if handle.guest is not None:
+            return node.tree.read(handle.guest, offset, length)
         if node.control:
             raise PermissionDenied("control files are write-only")
         if isinstance(node.view, bytes):
@@ -181,6 +241,8 @@ class Vfs(OperationRunner, Tree):
         CPU-heavy work (decompression), else None.  It may still read the
         host disk: one blocking pread costs less than a thread hop."""
         node = handle.node
+        if handle.guest is not None:
+            return node.tree.read(handle.guest, offset, length, wait=False)
         if handle.data is not None or isinstance(node.view, bytes) or node.control:
             return self.read(handle, offset, length)
         if handle.overlay is not None:
@@ -289,7 +351,7 @@ class Vfs(OperationRunner, Tree):
         is creating takes its times.  Everything else (chmod, chown,
         times, sizes) is refused: nothing here can keep it.  ``other``:
         mode or owner changes."""
-        node = self.node(inode)
+        node = refuse_change(self.node(inode))
         if node.stale:
             raise NotFound(f"{node.name} was removed")
         if other:
@@ -418,7 +480,9 @@ class Vfs(OperationRunner, Tree):
         return "/".join(reversed(names))
 
     def _snapshots_dir_vm(self, inode):
-        node = self.node(inode)
+        node = refuse_change(self.node(inode))
+        if node.filetree is not None:
+            refuse_change(node.filetree.entry(inode))
         if node.vm is None or node.name != "snapshots" or node.parent != node.vm.inode:
             raise NotPermitted("snapshots are created and deleted in <vm>/snapshots/")
         return node.vm
@@ -482,5 +546,10 @@ class Vfs(OperationRunner, Tree):
                     log.error("flushing %s failed: %s", vm.name, e)
         self.listings.close()
         self.pool.close()
+def _tree_of(node):
+    """The FileTree a node lies in (or is the root of), else None."""
+    return node.tree if isinstance(node, GuestEntry) else node.filetree
+
+
 def _is_active_part(node):
     return isinstance(node.view, PartitionView) and isinstance(node.view.disk, ActiveSlot)

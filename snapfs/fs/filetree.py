@@ -1,0 +1,274 @@
+"""The files inside a snapshot's disks, as read-only trees.
+
+Beside each partition view ``<disk>-partN.raw`` of a snapshot (or of
+before-preview), the directory ``<disk>-partN/`` shows the filesystem
+in it, read by a ``GuestFs`` (snapfs/guestfs); ``<disk>.files/`` does
+the same for a disk without a partition table.  ``active/`` has none:
+its bytes change under the parser.
+
+Inode numbers: a tree's entries are ``tree id << 40 | guest inode``, so
+hard links share an inode and the kernel's cache needs nothing from us to
+keep them apart; the guest's root is the tree's directory node itself.
+Everything is immutable (a snapshot never changes), so the kernel keeps
+entries and attributes for IMMUTABLE_TIMEOUT.
+
+Parsers keep a file position and caches: each tree's metadata requests
+are serialised by its own lock.  File data is read through the file's
+runs from the partition view, without the lock (and, when the chain has
+it at hand, in the event loop: ``read_nowait``).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..errors import NotFound, PermissionDenied, ReadOnly
+from ..guestfs.base import FsDamaged
+from ..guestfs.probe import open_guest_fs
+from .nodes import IMMUTABLE_TIMEOUT
+
+log = logging.getLogger(__name__)
+
+GUEST_INODE_BITS = 40
+GUEST_INODE_LIMIT = 1 << GUEST_INODE_BITS
+STAT_CACHE = 65536          # Stats kept per tree (the kernel keeps its own copy)
+LISTING_CACHE = 1024        # directory listings kept per tree
+RUNS_CACHE = 1024           # extent maps kept per tree
+
+
+@dataclass(slots=True)
+class GuestEntry:
+    """A file or directory inside a tree: what the FUSE adapter needs of a
+    Node, and the guest's own Stat."""
+    inode: int
+    tree: "FileTree"
+    stat: object
+    name: str = ""
+    timeout: float = IMMUTABLE_TIMEOUT
+    immutable: bool = True
+    stale: bool = False
+    control: None = None
+    render: None = None
+    view: None = None
+    key: None = None
+    shared: bool = False
+    children: None = None
+
+    @property
+    def mode(self):
+        return self.stat.mode
+
+    @property
+    def is_dir(self):
+        return stat.S_ISDIR(self.stat.mode)
+
+    @property
+    def mtime_ns(self):
+        return self.stat.mtime_ns
+
+    @property
+    def vm(self):
+        return self.tree.top.vm
+
+    @property
+    def owner(self):
+        return self.tree.top.owner
+
+
+class _Lru(OrderedDict):
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def get_or(self, key, make):
+        try:
+            self.move_to_end(key)
+            return self[key]
+        except KeyError:
+            value = self[key] = make()
+            if len(self) > self.limit:
+                self.popitem(last=False)
+            return value
+
+
+class FileTree:
+    """One filesystem shown under directory node ``top``."""
+
+    def __init__(self, tree_id, fs, view, label):
+        self.id = tree_id
+        self.fs = fs
+        self.view = view            # the PartitionView or DiskView it reads
+        self.label = label
+        self.top = None             # the directory Node, once attached
+        self.error = None           # why every access fails, if it does
+        self._lock = threading.Lock()
+        self._stats = _Lru(STAT_CACHE)
+        self._listings = _Lru(LISTING_CACHE)
+        self._runs = _Lru(RUNS_CACHE)
+
+    # -- inode numbers -----------------------------------------------------------
+
+    def fuse_inode(self, ino):
+        if ino == self.fs.root:
+            return self.top.inode
+        if not 0 < ino < GUEST_INODE_LIMIT:
+            raise FsDamaged(f"{self.label}: inode number {ino} is out of range")
+        return self.id << GUEST_INODE_BITS | ino
+
+    def guest_inode(self, inode):
+        return self.fs.root if inode == self.top.inode else inode & (GUEST_INODE_LIMIT - 1)
+
+    # -- metadata, under the lock ----------------------------------------------
+
+    def _check(self):
+        if self.top is None or self.top.stale:
+            raise NotFound(f"{self.label} was removed")
+        if self.error is not None:
+            raise FsDamaged(f"{self.label}: {self.error}")
+
+    def stat(self, ino):
+        self._check()
+        with self._lock:
+            return self._stats.get_or(ino, lambda: self.fs.stat(ino))
+
+    def entry(self, inode):
+        ino = self.guest_inode(inode)
+        return GuestEntry(self.fuse_inode(ino), self, self.stat(ino))
+
+    def root_stat(self):
+        return self.stat(self.fs.root)
+
+    def _listing(self, ino):
+        self._check()
+        with self._lock:
+            return self._listings.get_or(ino, lambda: self._list(ino))
+
+    def _list(self, ino):
+        listing = {}
+        for name, child, _ in self.fs.listdir(ino):
+            listing[name] = child
+        return listing
+
+    def lookup(self, inode, name: bytes):
+        child = self._listing(self.guest_inode(inode)).get(name)
+        if child is None:
+            raise NotFound(f"no entry {name!r}")
+        return self._entry_of(child, name)
+
+    def _entry_of(self, ino, name):
+        entry = GuestEntry(self.fuse_inode(ino), self, self.stat(ino))
+        entry.name = name.decode(errors="surrogateescape")
+        return entry
+
+    def listdir(self, inode):
+        """[(name bytes, GuestEntry)]; an entry whose inode is damaged is
+        left out (and logged): the rest of the directory still lists."""
+        out = []
+        for name, ino in list(self._listing(self.guest_inode(inode)).items()):
+            try:
+                out.append((name, self._entry_of(ino, name)))
+            except FsDamaged as e:
+                log.error("%s: entry %r left out of its directory: %s", self.label, name, e)
+        return out
+
+    def readlink(self, inode):
+        self._check()
+        with self._lock:
+            return self.fs.readlink(self.guest_inode(inode))
+
+    def xattrs(self, inode):
+        self._check()
+        with self._lock:
+            return self.fs.xattrs(self.guest_inode(inode))
+
+    def open(self, inode):
+        """The file's bytes: ("inline", data) or ("runs", runs)."""
+        ino = self.guest_inode(inode)
+        st = self.stat(ino)
+        if not stat.S_ISREG(st.mode):
+            # Devices, fifos and sockets are shown, never opened: they
+            # would be the host's.
+            raise PermissionDenied(f"{self.label}: only regular files open")
+        with self._lock:
+            return self._runs.get_or(ino, lambda: self._file(ino))
+
+    def _file(self, ino):
+        inline = self.fs.inline_data(ino)
+        if inline is not None:
+            return "inline", inline
+        return "runs", self.fs.runs(ino)
+
+    # -- file data, without the lock ---------------------------------------------
+
+    def read(self, file, offset, length, wait=True):
+        """Bytes of an opened file; with ``wait=False``, None where the
+        view would have to wait (see DiskView.read)."""
+        kind, data = file
+        if kind == "inline":
+            return data[offset:offset + length]
+        out, pos, end = [], 0, offset + length
+        for start, run_len in data:
+            if pos + run_len > offset and pos < end:
+                lo, hi = max(offset, pos), min(end, pos + run_len)
+                if start is None:
+                    out.append(bytes(hi - lo))
+                else:
+                    piece = self.view.read(start + lo - pos, hi - lo, wait=wait)
+                    if piece is None:
+                        return None
+                    if len(piece) != hi - lo:
+                        raise FsDamaged(f"{self.label}: a file's extent ends past its partition")
+                    out.append(piece)
+            pos += run_len
+            if pos >= end:
+                break
+        return b"".join(out)
+
+
+class FileTrees:
+    """Every tree of the mount, by id."""
+
+    def __init__(self):
+        self._trees = {}
+        self._next_id = 1
+        self._lock = threading.Lock()
+
+    def make(self, view, label):
+        """A FileTree for ``view``, or None (logged) when it holds no
+        filesystem snapfs can show."""
+        fs, why = open_guest_fs(view.read, view.size)
+        if fs is None:
+            log.info("%s: no file tree: %s", label, why)
+            return None
+        with self._lock:
+            tree = FileTree(self._next_id, fs, view, label)
+            self._next_id += 1
+            self._trees[tree.id] = tree
+        return tree
+
+    def of(self, inode):
+        """The tree an inode above the Tree's own belongs to."""
+        tree = self._trees.get(inode >> GUEST_INODE_BITS)
+        if tree is None:
+            raise NotFound(f"no inode {inode}")
+        return tree
+
+    def drop(self, tree):
+        with self._lock:
+            self._trees.pop(tree.id, None)
+
+
+def is_guest_inode(inode):
+    return inode >= GUEST_INODE_LIMIT
+
+
+def refuse_change(node):
+    """Everything in a tree is read-only."""
+    if isinstance(node, GuestEntry):
+        raise ReadOnly(f"{node.name or 'this file'}: the files of a snapshot never change")
+    return node
+
