@@ -3,13 +3,19 @@ path, mode, owner, link, time, attribute and byte of a snapshot's tree
 equals what a loop mount of the same view shows."""
 
 import os
+import secrets
+import shutil
 import stat
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.support.mounting import expect_errno, loop_mounted, mounted, snapfs
+from ext4chain import DEFAULT_VERSIONS, build_ext4_chain, logs_tree
+from tests.support import users as U
+from tests.support.mounting import control, expect_errno, loop_mounted, mounted, read_tree, snapfs
 from tests.support.trees import random_trees, snapshot_tree, write_tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE and loop devices")
@@ -82,3 +88,128 @@ def test_random_trees_equal_loop_mounts(tmp_path_factory, tree):
         with loop_mounted(view / "s" / "sda.raw", tmp_path / "loop") as loop:
             expected = snapshot_tree(loop)
         assert snapshot_tree(view / "s" / "sda.files") == expected
+
+
+@pytest.fixture
+def guest_user():
+    """A throwaway host user with the uid the guest's files are owned by."""
+    U.require_tools()
+    user = U.create_user(f"snapfs-t-tree-{secrets.token_hex(3)}")
+    try:
+        yield user
+    finally:
+        error = U.remove_user(user)
+        assert error is None, error
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="snapfs-tree-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _owned_tree(tmp_path, uid, gid):
+    src = tmp_path / "src"
+    write_tree(src, {"pub/readme": ("file", b"for everyone\n", 0o644),
+                     "home/u/private": ("file", b"only u\n", 0o600),
+                     "home/u/big": ("file", os.urandom(3 << 20), 0o600),
+                     "home/u": ("dir", 0o700)},
+               owners={"home/u": (uid, gid), "home/u/private": (uid, gid),
+                       "home/u/big": (uid, gid)})
+    image = tmp_path / "sda.img"
+    _mkfs(image, src)
+    return src, image
+
+
+def test_non_root_user_copies_out_with_plain_cp(tmp_path, shared_dir, guest_user):
+    """Root mounts with allow_other; a user copies a file out of a snapshot
+    with cp: no root, no loop device.  The guest's modes hold: the guest's
+    uid owns its private files, and another user is refused them."""
+    src, image = _owned_tree(tmp_path, guest_user.uid, guest_user.gid)
+    store = _store_of(tmp_path, image)
+    out = shared_dir / "out"
+    out.mkdir()
+    os.chown(out, guest_user.uid, guest_user.gid)
+    with mounted(store, shared_dir / "mnt", "-o", "allow_other") as mnt:
+        os.mkdir(mnt / "vm" / "snapshots" / "s")
+        files = mnt / "vm" / "snapshots" / "s" / "sda.files"
+        U.run_as(guest_user, ["cp", "-r", files / "home/u", files / "pub/readme", out], check=True)
+        assert (out / "u" / "private").read_bytes() == b"only u\n"
+        assert (out / "u" / "big").read_bytes() == (src / "home/u/big").read_bytes()
+        assert (out / "readme").read_bytes() == b"for everyone\n"
+        refused = U.run_as("nobody", ["cat", files / "home/u/private"])
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
+        assert U.run_as("nobody", ["cat", files / "pub/readme"], check=True).stdout == \
+            "for everyone\n"
+
+
+def test_owner_files_shows_every_file_as_the_mount_owners(tmp_path, shared_dir, guest_user):
+    _, image = _owned_tree(tmp_path, guest_user.uid, guest_user.gid)
+    store = _store_of(tmp_path, image)
+    with mounted(store, shared_dir / "mnt", "-o", "allow_other,owner_files") as mnt:
+        os.mkdir(mnt / "vm" / "snapshots" / "s")
+        files = mnt / "vm" / "snapshots" / "s" / "sda.files"
+        for rel, mode in (("pub/readme", 0o600), ("home/u/private", 0o600), ("home/u", 0o700)):
+            st = os.stat(files / rel)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, mode), rel
+        # The guest's uid is nobody special on the host now.
+        refused = U.run_as(guest_user, ["cat", files / "home/u/private"])
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+
+def test_partition_trees_and_before_preview(tmp_path, store):
+    layers = build_ext4_chain(tmp_path / "src", table="gpt")
+    snapfs("vm", "add", store, "web", "--disk", f"sda={layers[-1]}")
+    with mounted(store, tmp_path / "mnt") as mnt:
+        vm = mnt / "web"
+        base = vm / "snapshots" / "base"
+        listing = os.listdir(base)
+        assert {"sda-part1", "sda-part2", "sda-part3"} <= set(listing)
+        assert "sda.files" not in listing       # the disk has a partition table
+        for version, name in enumerate(["base", "v2"]):
+            tree = vm / "snapshots" / name / "sda-part1"
+            assert read_tree(tree) == DEFAULT_VERSIONS[version]
+        assert read_tree(base / "sda-part3") == logs_tree(1)
+        control(vm, "preview", "base\n")
+        assert read_tree(vm / "before-preview" / "sda-part1") == DEFAULT_VERSIONS[-1]
+        assert not [n for n in os.listdir(vm / "active") if not n.endswith(".raw")]
+        control(vm, "undo")
+
+
+def test_damaged_inode_gives_eio_for_that_file_only(tmp_path):
+    """A corrupted inode (its extent tree's magic) fails its own reads
+    with EIO; its directory, its neighbours and the mount stay up."""
+    src = tmp_path / "src"
+    write_tree(src, {"good": ("file", b"fine\n" * 1000, 0o644),
+                     "bad": ("file", os.urandom(100_000), 0o644),
+                     "dir/other": ("file", b"other\n", 0o644)})
+    image = tmp_path / "sda.img"
+    _mkfs(image, src)
+    stat_out = subprocess.run(["debugfs", "-R", "imap /bad", str(image)], check=True,
+                              capture_output=True, text=True).stdout
+    block, offset = _inode_location(stat_out)
+    with open(image, "r+b") as f:
+        f.seek(block * 4096 + offset + 40)      # i_block: the extent header's magic
+        f.write(b"\xde\xad")
+    store = _store_of(tmp_path, image)
+    with mounted(store, tmp_path / "mnt") as mnt:
+        os.mkdir(mnt / "vm" / "snapshots" / "s")
+        files = mnt / "vm" / "snapshots" / "s" / "sda.files"
+        assert sorted(os.listdir(files)) == ["bad", "dir", "good", "lost+found"]
+        expect_errno(5, lambda: (files / "bad").read_bytes())
+        assert (files / "good").read_bytes() == b"fine\n" * 1000
+        assert (files / "dir" / "other").read_bytes() == b"other\n"
+        assert os.path.getsize(mnt / "vm" / "snapshots" / "s" / "sda.raw") > 0
+
+
+def _inode_location(imap_output):
+    """(block, byte offset) from ``debugfs -R "imap PATH"``."""
+    words = imap_output.split()
+    block = int(words[words.index("block") + 1].rstrip(","))
+    offset = int(words[words.index("offset") + 1], 16)
+    return block, offset
