@@ -103,6 +103,7 @@ ACL_VALID_TAGS = (0x1, 0x2, 0x4, 0x8, 0x10, 0x20)
 INODE_CACHE_BYTES = 4 << 20     # decoded inodes kept, by their on-disk size
 CACHE_ENTRIES = 4096            # inode tables and parents kept
 READ_CHUNK = 64 << 10           # directory blocks read at once
+MAX_INLINE_FILE = 1 << 20       # an inline file's size (its bytes past the inode are zeros)
 
 
 def is_ext(read) -> bool:
@@ -397,12 +398,14 @@ class ExtGuestFs(GuestFs):
         except FsDamaged:
             # Its stat will fail on its own; the rest of the directory stays.
             return entry_type
-        if kind == stat.S_IFDIR and (child in (ino, ROOT_INO) or self._parent(child) != ino):
+        if kind == stat.S_IFDIR and (child in (ino, ROOT_INO) or self._parent(child) not in (ino, -1)):
             return None
         return kind
 
     def _parent(self, ino):
-        """The ``..`` of a directory (0 if it cannot be read)."""
+        """The ``..`` of a directory: 0 if it has none, -1 if it cannot be
+        read (then neither can the directory be listed, and a walk stops
+        there by itself)."""
         parent = self._parents.get(ino)
         if parent is None:
             parent = 0
@@ -418,7 +421,7 @@ class ExtGuestFs(GuestFs):
             except BudgetExceeded:
                 raise
             except (FsDamaged, struct.error):
-                parent = 0
+                parent = -1
             self._parents.put(ino, parent)
         return parent
 
@@ -490,11 +493,13 @@ class ExtGuestFs(GuestFs):
 
     def _inline(self, node):
         if node.flags & INLINE_DATA_FL:
-            data = self._inline_bytes(node)
-            if len(data) < node.size:
-                raise FsDamaged(f"ext: inode {node.ino} has {len(data)} bytes of inline data, "
-                                f"not {node.size}")
-            return data[:node.size]
+            # Past its inline bytes a file reads as zeros (the kernel's
+            # ext4_read_inline_folio zeroes the rest of the page, and any
+            # page after it), as mkfs leaves a sparse file of 61 bytes.
+            if node.size > MAX_INLINE_FILE:
+                raise FsDamaged(f"ext: inode {node.ino} has inline data and {node.size} bytes")
+            data = self._inline_bytes(node)[:node.size]
+            return data + bytes(node.size - len(data))
         if node.type == stat.S_IFLNK and self._is_fast_symlink(node):
             if not 0 < node.size < FAST_SYMLINK_MAX:
                 raise FsDamaged(f"ext: fast symlink {node.ino} is {node.size} bytes long")
