@@ -3,15 +3,16 @@ what ``mount -o loop,ro`` of the same image shows.
 
 Trees are drawn by hypothesis (regular, sparse and large files, deep and
 large directories, odd and long names, symlinks fast and slow, hard
-links, fifos, devices past 255, user attributes, timestamps before 1970
-and after 2038) and put into images by ``mkfs.ext* -d``; fallocated
-(unwritten) extents are made by the kernel itself, on a read-write loop
-mount, before the comparison.
+links, fifos, devices past 255, user attributes) and put into images by
+``mkfs.ext* -d``.  What mkfs cannot write is then written by the kernel
+itself on a read-write loop mount: fallocated (unwritten) extents, and
+timestamps with nanoseconds, before 1970 and after 2038 and 2106.
 """
 
 import os
 import random
 import stat
+import struct
 import tempfile
 
 import pytest
@@ -46,6 +47,13 @@ sizes = st.one_of(st.sampled_from([0, 1, 59, 60, 61, 1023, 1024, 4095, 4096, 409
 xattr_sets = st.dictionaries(
     st.text("abcdefgh", min_size=1, max_size=10).map(lambda s: b"user." + s.encode()),
     st.binary(max_size=1500), max_size=3)
+
+
+# A POSIX ACL as getxattr gives it: version 2, then (tag, perm, id) for the
+# owner, user 1000, the group, group 2000, the mask and others.
+ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in [
+    (0x01, 6, 0xFFFFFFFF), (0x02, 4, 1000), (0x04, 4, 0xFFFFFFFF), (0x08, 5, 2000),
+    (0x10, 7, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)])
 
 
 @st.composite
@@ -219,6 +227,7 @@ def test_features_are_exercised(tmp_path):
     (source / "attrs").write_bytes(b"x")
     os.setxattr(source / "attrs", b"user.big", b"v" * 1500)
     os.symlink("t" * 3000, source / "slow")
+    os.setxattr(source / "attrs", "system.posix_acl_access", ACL)
     mkfs(image, source, "ext4", 4096, ["-I", "256", "-O", "inline_data"])
     late = 5_000_000_000 * SECOND + 7
     tree = {"seed": 1, "fallocated": [(100_000, 10, False)], "dirs": [b"", b"big"],
@@ -236,4 +245,6 @@ def test_features_are_exercised(tmp_path):
     found = compare_with_kernel(image, tmp_path / "mnt")
     with opened(image) as fs:
         assert fs.stat(fs.root).mtime_ns == late
+        acl = os.getxattr(tmp_path / "src" / "attrs", "system.posix_acl_access")
+        assert fs.xattrs(found[b"/attrs"][0])[b"system.posix_acl_access"] == acl == ACL
         assert fs.stat(found[b"/big"][0]).mtime_ns == -5 * SECOND - 1
