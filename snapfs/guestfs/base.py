@@ -38,6 +38,12 @@ class FsDamaged(SnapfsError):
     """The guest filesystem is damaged (or hostile) where a request read it."""
 
 
+class BudgetExceeded(FsDamaged):
+    """One request did more work than its ``Budget`` allows.  A reader that
+    carries on past a damaged entry (one bad inode in a directory) must
+    let this one through: the whole request is over."""
+
+
 class Unsupported(SnapfsError):
     """No reader serves this filesystem (or this feature of it)."""
 
@@ -67,16 +73,18 @@ class Budget:
     FsDamaged instead of hanging on a crafted filesystem (a directory of
     millions of empty blocks, an extent tree that points at itself)."""
 
-    def __init__(self, max_bytes=REQUEST_BYTES, seconds=REQUEST_SECONDS):
-        self.left = max_bytes
-        self.deadline = time.monotonic() + seconds
+    def __init__(self, max_bytes=None, seconds=None):
+        # The module's limits are read now, not when this was defined, so
+        # that a test (or a caller) can tighten them.
+        self.left = REQUEST_BYTES if max_bytes is None else max_bytes
+        self.deadline = time.monotonic() + (REQUEST_SECONDS if seconds is None else seconds)
 
     def charge(self, nbytes):
         self.left -= nbytes
         if self.left < 0:
-            raise FsDamaged("the filesystem made one request read too much; damaged?")
+            raise BudgetExceeded("the filesystem made one request read too much; damaged?")
         if time.monotonic() > self.deadline:
-            raise FsDamaged("the filesystem made one request take too long; damaged?")
+            raise BudgetExceeded("the filesystem made one request take too long; damaged?")
 
 
 class BudgetedReader:
@@ -172,11 +180,15 @@ class GuestFs:
         return self._bounded(self._stat, ino)
 
     def listdir(self, ino) -> list[tuple[bytes, int, int]]:
-        """[(name, ino, S_IFMT type bits or 0 if unknown)], without . and .."""
+        """[(name, ino, S_IFMT type bits or 0 if unknown)], without . and ..
+
+        Names no kernel would give (empty, ".", "..", with a "/" or a NUL)
+        are left out, whatever the reader found.  Readers cap the entries
+        while they read them; this is the last guard."""
         entries = self._bounded(self._listdir, ino)
         if len(entries) > MAX_DIR_ENTRIES:
             raise FsDamaged(f"directory {ino} has over {MAX_DIR_ENTRIES} entries; damaged?")
-        return entries
+        return [entry for entry in entries if _valid_name(entry[0])]
 
     def readlink(self, ino) -> bytes:
         target = self._bounded(self._readlink, ino)
@@ -190,10 +202,13 @@ class GuestFs:
             raise FsDamaged(f"inode {ino} has over {MAX_XATTR_BYTES} bytes of attributes")
         return found
 
-    def runs(self, ino) -> list[tuple[int | None, int]]:
+    def runs(self, ino) -> list[tuple[int | None, int]] | None:
         """The file's bytes as [(offset in the view or None for zeros,
-        length)], covering exactly its size.  Cached by the caller."""
+        length)], covering exactly its size; None when they live in the
+        inode (see ``inline_data``).  Cached by the caller."""
         runs = self._bounded(self._runs, ino)
+        if runs is None:
+            return None
         if len(runs) > MAX_RUNS:
             raise FsDamaged(f"inode {ino} has over {MAX_RUNS} extents; damaged?")
         size, total = self.stat(ino).size, 0
@@ -269,3 +284,7 @@ class GuestFs:
 
     def _metadata_ranges(self, ino):
         return []
+
+
+def _valid_name(name):
+    return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name
