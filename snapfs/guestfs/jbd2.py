@@ -394,6 +394,7 @@ class Recovery:
     revokes: dict = field(default_factory=dict)    # block -> newest revoking tid
     overlay: dict = field(default_factory=dict)    # block -> (offset in view, escaped)
     revoked: int = 0                # tagged copies a revoke cancelled
+    failed_commit: int | None = None    # a transaction whose commit checksum is wrong
 
     @property
     def transactions(self):
@@ -404,6 +405,10 @@ class Recovery:
             return                  # s_start 0: a clean journal, nothing to replay
         for kind in (SCAN, REVOKE, REPLAY):
             self.one_pass(kind)
+            if kind == SCAN and self.failed_commit is not None:
+                # The kernel replays up to it, then refuses the mount.
+                raise FsDamaged(f"ext: the journal's transaction {self.failed_commit} is corrupt "
+                                "(its commit checksum is wrong); the kernel refuses to mount it")
             if kind == SCAN and self.journal.fast_commit and self._fast_commit_pending():
                 raise Unsupported("ext: the journal holds fast-commit blocks to replay after "
                                   "its transactions; fast commits are not replayed")
@@ -472,6 +477,7 @@ class Recovery:
                     break           # an older journal's leftovers: the log ends here
                 if j.csum_v1:
                     if self.end is not None:
+                        self.failed_commit = self.end
                         continue
                     found = struct.unpack_from(">I", block, COMMIT_CHECKSUM_OFFSET)[0]
                     good = (crc_sum == found and commit.h_chksum_type == c_jdb2.JBD2_CRC32_CHKSUM
@@ -486,6 +492,7 @@ class Recovery:
                         break       # older leftovers again
                     self.end = tid  # an interrupted commit: replay up to here
                     if not j.async_commit:
+                        self.failed_commit = tid
                         continue
                 last_commit_time = commit_time
                 tid = (tid + 1) & 0xFFFFFFFF
@@ -558,6 +565,7 @@ class ReplayedView:
         self.transactions = recovery.transactions
         self.replayed = len(recovery.overlay)
         self.revoked = recovery.revoked
+        self.escaped = sum(escaped for _, escaped in recovery.overlay.values())
         self._superblock = None
         self._superblock = self._recovered_superblock()
 
