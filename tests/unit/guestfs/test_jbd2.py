@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapfs.guestfs.base import FsDamaged
+from snapfs.guestfs.base import FsDamaged, Unsupported
 from snapfs.guestfs.ext import ExtGuestFs
 from snapfs.guestfs.jbd2 import _crc32c, crc32_be, replay_journal
 from tests.support.dirty_ext4 import build_dirty_ext4, needs_recovery
@@ -221,6 +221,14 @@ def test_replay_matters(tmp_path, flavor):
     mkfs, options = FLAVORS[flavor]
 
     def journal_only(mnt):
+        # A directory committed, then removed: its freed block is revoked.
+        (mnt / "gone").mkdir()
+        for i in range(200):
+            (mnt / "gone" / f"entry-with-a-long-name-{i:04}").write_bytes(b"")
+        fd = os.open(mnt / "gone", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        shutil.rmtree(mnt / "gone")
         (mnt / "new").mkdir()
         (mnt / "new" / "file").write_bytes(MAGIC + b"escaped?" * 1000)
         os.symlink("t" * 100, mnt / "new" / "link")
@@ -239,7 +247,13 @@ def test_replay_matters(tmp_path, flavor):
     read, f = _reader(image)
     with f:
         view = replay_journal(read, os.path.getsize(image))
-        assert view.transactions >= 1 and view.replayed > 0
+        assert view.transactions >= 2 and view.replayed > 0
+        # The removed directory's blocks are revoked (in data=journal ext4
+        # forgets them instead: ext4_forget).
+        assert (view.revoked > 0) == ("data=journal" not in options)
+        # Data goes through the journal in data=journal: the file's first
+        # block starts with the journal's magic, so its copy is escaped.
+        assert view.escaped == ("data=journal" in options)
         assert not view(1024 + 0x60, 4)[0] & 0x4        # needs_recovery, cleared
     assert _sha(image) == before
 
@@ -405,3 +419,32 @@ def test_crc32_be_is_the_msb_first_crc():
     # CRC-32/BZIP2 is the MSB-first CRC-32 with its register inverted in
     # and out; its check value on "123456789" is 0xFC891918.
     assert crc32_be(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xFC891918
+
+
+@settings(max_examples=40)
+@given(damage=st.lists(st.tuples(st.integers(0, 12 * BLOCK - 1), st.integers(0, 255)),
+                       min_size=1, max_size=8))
+def test_damaged_journal_fails_cleanly(tmp_path_factory, damage):
+    """Bytes of the journal superblock and log overwritten at random: the
+    replay either succeeds or raises FsDamaged or Unsupported, quickly."""
+    work = tmp_path_factory.mktemp("damaged")
+    image, _, _ = build_journal(work, *JOURNALS["v3-64bit"])
+    disk = bytearray(image.read_bytes())
+    journal = _blocks(image, "<8>")
+    for at, value in damage:
+        disk[journal[at // BLOCK] * BLOCK + at % BLOCK] = value
+    try:
+        view = replay_journal(lambda o, n: bytes(disk[o:o + n]), len(disk))
+    except (FsDamaged, Unsupported):
+        return
+    assert view.transactions <= 4
+
+
+def test_external_journal_is_unsupported(tmp_path):
+    image, _, _ = build_journal(tmp_path, *JOURNALS["plain-32bit"])
+    with open(image, "r+b") as f:
+        f.seek(1024 + 0xE0)             # s_journal_inum: 0, the journal is elsewhere
+        f.write(bytes(4))
+    read, f = _reader(image)
+    with f, pytest.raises(Unsupported, match="external"):
+        replay_journal(read, os.path.getsize(image))
