@@ -7,7 +7,7 @@ serves, or one that fails to open, gives no tree and a reason for the log.
 from __future__ import annotations
 
 from ..errors import SnapfsError
-from . import ext
+from . import ext, xfs
 
 
 def open_guest_fs(read, size):
@@ -17,14 +17,14 @@ def open_guest_fs(read, size):
         head = read(0, 4096)
         if ext.is_ext(read):
             return ext.ExtGuestFs(read, size), None
+        if xfs.is_xfs(read):
+            return xfs.XfsGuestFs(read, size), None
     except SnapfsError as e:
         return None, str(e)
     return None, _unknown(head)
 
 
 def _unknown(head):
-    if head[:4] == b"XFSB":
-        return "XFS: no reader for it"
     if head[3:11] == b"NTFS    ":
         return "NTFS: no reader for it"
     if head[510:512] == b"\x55\xaa" and head[82:87] == b"FAT32" or head[54:59] in (b"FAT12", b"FAT16"):
