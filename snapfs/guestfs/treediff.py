@@ -37,7 +37,10 @@ What is read, given ``changed`` (the view's ranges that may differ,
   both sides, and their content is read only where the two run maps
   differ or meet a changed range.
 
-A format that cannot say where an inode lives (empty ``metadata_ranges``)
+The shortcuts trust ``metadata_ranges`` to name every block of an
+inode's maps (for ext4: extent tree blocks below the inode too, indirect
+blocks of ext2/3); a reader that leaves some out could hide a change made
+only there.  A format that cannot say where an inode lives (empty ``metadata_ranges``)
 and a filesystem whose journal was replayed in memory (its bytes are not
 the view's) get no shortcut: each such file is compared in full.
 

@@ -7,7 +7,6 @@ odd names (spaces, newlines, bytes that are not UTF-8)."""
 import os
 import random
 import subprocess
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -182,3 +181,32 @@ def test_unchanged_files_are_not_read_in_b(tmp_path):
     # dozen 5000-byte files), not the 300.
     assert stats["stats_b"] <= 30, stats
     assert stats["files_skipped"] >= 270, stats
+
+
+def test_names_are_escaped_as_zfs_diff_does():
+    from snapfs.ops.diff import escape
+    assert escape(b"/etc/hosts") == "/etc/hosts"
+    assert escape(b"/a b\n\\\t") == "/a\\0040b\\0012\\0134\\0011"
+    assert escape(b"/\xff\x01") == "/\\0377\\0001"
+    assert escape("/é".encode()) == "/é"
+
+
+def test_a_directory_loop_is_walked_once_and_reported(tmp_path):
+    """d1/d2/up names d1 again (debugfs writes such an entry; no kernel
+    would): the diff ends, names the loop, and still finds the change."""
+    src = tmp_path / "src"
+    (src / "d1" / "d2").mkdir(parents=True)
+    (src / "d1" / "d2" / "f").write_bytes(b"before")
+    base, edited = tmp_path / "base.raw", tmp_path / "edited.raw"
+    with open(base, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    run("mkfs.ext4", "-q", "-d", src, base)
+    run("debugfs", "-w", "-R", "link d1 d1/d2/up", base)
+    run("cp", "--sparse=always", base, edited)
+    run("debugfs", "-w", "-R", "rm d1/d2/f", edited)
+    store = _store_of(tmp_path, base, edited)
+    [disk] = diff_vm(store, "vm", "base", "s1")
+    [view] = disk.views
+    assert (b"/d1/d2/f", "-") in [(c.path, c.change) for c in view.changes]
+    assert any(path == b"/d1/d2/up" and "reached twice" in message
+               for path, message in view.damaged), view.damaged
