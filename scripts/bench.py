@@ -26,6 +26,10 @@ Groups and the measures in them (numbers follow the benchmark issue):
   live   11 live snapshot of a booted 4-disk VM (CLI), with and without
             the guest agent, and how long the guest stays frozen
          12 live merge, QEMU running              vs  qemu-img commit, offline
+  diff   13 snapfs diff of two snapshots 1 % apart on a 4 GiB ext4, warm
+                                                  vs  a full walk of both trees reading
+                                                      every file (what virt-diff does)
+         14 the same, caches dropped before each run
 """
 
 import argparse
@@ -41,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib.common import run  # noqa: E402
 
-GROUPS = ("reads", "writes", "merges", "create", "scale", "depth", "live")
+GROUPS = ("reads", "writes", "merges", "create", "scale", "depth", "live", "diff")
 # Groups whose reference is qemu-storage-daemon.
 QSD_GROUPS = {"reads", "writes"}
 

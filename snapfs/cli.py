@@ -222,6 +222,23 @@ def build_parser():
         c.add_argument("vm")
         c.set_defaults(func=cmd_snapshot_op, op=op)
 
+    c = sub.add_parser("diff", help="list the files that changed between two snapshots",
+                       description="List the files added (+), removed (-), modified (M) and "
+                       "renamed (R old -> new) between A and B, snapshot names or 'active', "
+                       "as zfs diff does: one line per change, the path from the root of the "
+                       "filesystem prefixed by its view (sda-part1/etc/hosts).  Only the "
+                       "ranges the two chains' qcow2 maps resolve differently are looked at. "
+                       "Skipped partitions and damaged files are named on stderr.  'active' "
+                       "is refused while the VM runs in QEMU.")
+    c.add_argument("store")
+    c.add_argument("vm")
+    c.add_argument("a", metavar="A")
+    c.add_argument("b", metavar="B")
+    c.add_argument("--json", action="store_true",
+                   help="one JSON document: disks -> partitions -> changes, with each "
+                        "partition's filesystem kind or why it was skipped")
+    c.set_defaults(func=cmd_diff)
+
     c = sub.add_parser("check", help="verify manifests, volume files, backing links, headers, "
                                      "refcounts and file modes")
     c.add_argument("store")
@@ -535,6 +552,20 @@ def _report_check(checker):
         print(f"snapfs: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
     print(f"ok: {checker.vms_checked} VM(s), {checker.volumes_checked} volume(s) checked")
+
+
+def cmd_diff(args):
+    from .ops.diff import diff_vm, text_lines, to_json
+    store = Store.open(args.store)
+    disks = diff_vm(store, args.vm, args.a, args.b)
+    if args.json:
+        print(json.dumps(to_json(args.vm, args.a, args.b, disks), indent=2))
+        return
+    lines, notes = text_lines(disks)
+    for note in notes:
+        print(f"snapfs: {note}", file=sys.stderr)
+    if lines:
+        print("\n".join(lines))
 
 
 def cmd_mount(args):
