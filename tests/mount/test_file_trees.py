@@ -189,7 +189,7 @@ def test_damaged_inode_gives_eio_for_that_file_only(tmp_path):
                      "bad": ("file", os.urandom(100_000), 0o644),
                      "dir/other": ("file", b"other\n", 0o644)})
     image = tmp_path / "sda.img"
-    _mkfs(image, src)
+    _mkfs(image, src, "-b", "4096")
     stat_out = subprocess.run(["debugfs", "-R", "imap /bad", str(image)], check=True,
                               capture_output=True, text=True).stdout
     block, offset = _inode_location(stat_out)
@@ -209,7 +209,6 @@ def test_damaged_inode_gives_eio_for_that_file_only(tmp_path):
 
 def _inode_location(imap_output):
     """(block, byte offset) from ``debugfs -R "imap PATH"``."""
-    words = imap_output.split()
-    block = int(words[words.index("block") + 1].rstrip(","))
-    offset = int(words[words.index("offset") + 1], 16)
-    return block, offset
+    words = imap_output.replace(",", " ").split()
+    at = words.index("located")             # "located at block B, offset 0xO"
+    return int(words[at + 3]), int(words[at + 5], 16)
