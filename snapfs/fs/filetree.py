@@ -26,8 +26,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..errors import NotFound, PermissionDenied, ReadOnly
-from ..guestfs.base import FsDamaged
+from ..errors import NotFound, PermissionDenied, ReadOnly, SnapfsError
+from ..guestfs.base import FsDamaged, Unsupported
 from ..guestfs.probe import open_guest_fs
 from .nodes import IMMUTABLE_TIMEOUT
 
@@ -105,6 +105,8 @@ class FileTree:
         self.label = label
         self.top = None             # the directory Node, once attached
         self.error = None           # why every access fails, if it does
+        # What was done to show it: a journal replayed in memory.
+        self.note = fs.recovered if fs is not None else None
         self._lock = threading.Lock()
         self._stats = _Lru(STAT_CACHE)
         self._listings = _Lru(LISTING_CACHE)
@@ -239,13 +241,26 @@ class FileTrees:
 
     def make(self, view, label):
         """A FileTree for ``view``, or None (logged) when it holds no
-        filesystem snapfs can show."""
-        fs, why = open_guest_fs(view.read, view.size)
-        if fs is None:
+        filesystem snapfs reads.  A filesystem it reads but cannot show
+        (damaged; a journal it cannot replay) still gets its tree, which
+        answers EIO and says why (``error``, in control/status)."""
+        fs, error = None, None
+        try:
+            fs, why = open_guest_fs(view.read, view.size)
+        except FsDamaged as e:
+            error = str(e)
+        except SnapfsError as e:
+            if not _known_kind(e):
+                raise           # the view itself is broken: no tree
+            error = str(e)
+        if fs is None and error is None:
             log.info("%s: no file tree: %s", label, why)
             return None
+        if error is not None:
+            log.error("%s: its files cannot be shown: %s", label, error)
         with self._lock:
             tree = FileTree(self._next_id, fs, view, label)
+            tree.error = error
             self._next_id += 1
             self._trees[tree.id] = tree
         return tree
@@ -257,9 +272,28 @@ class FileTrees:
             raise NotFound(f"no inode {inode}")
         return tree
 
+    def notes(self, vm):
+        """What control/status says of ``vm``'s trees shown so far: those
+        refused (EIO) and why, and those shown after a journal replay."""
+        with self._lock:
+            trees = [t for t in self._trees.values() if t.top is not None and t.top.vm is vm]
+        said = []
+        for tree in sorted(trees, key=lambda t: t.label):
+            if tree.error is not None:
+                said.append({"tree": tree.label, "refused": tree.error})
+            elif tree.note is not None:
+                said.append({"tree": tree.label, "shown": tree.note})
+        return said
+
     def drop(self, tree):
         with self._lock:
             self._trees.pop(tree.id, None)
+
+
+def _known_kind(error):
+    """Whether ``error`` comes from a guest filesystem's reader (it knows
+    the format but cannot show it), not from the view below it."""
+    return isinstance(error, Unsupported)
 
 
 def is_guest_inode(inode):

@@ -109,9 +109,16 @@ class Vfs(OperationRunner, Tree):
         """The guest's Stat of a file in a tree or of a tree's root, else None."""
         if isinstance(node, GuestEntry):
             return node.stat
-        if node.filetree is not None and not node.stale:
-            return node.filetree.root_stat()
-        return None
+        tree = node.filetree
+        if tree is None or node.stale or tree.error is not None:
+            return None
+        try:
+            return tree.root_stat()
+        except SnapfsError as e:
+            # The tree's directory still lists (EIO comes from inside it),
+            # and so does the snapshot's directory around it.
+            log.error("%s: its root cannot be read: %s", tree.label, e)
+            return None
 
     def getxattr(self, inode, name):
         found = self.listxattr(inode)
@@ -523,7 +530,8 @@ class Vfs(OperationRunner, Tree):
                "snapshots": [s.name for s in m.snapshots],
                "overlays": [{"file": label, "bytes": size}
                             for label, size in self.scratch.overlays(vm)],
-               "last_operation": m.last_operation, "last_error": vm.last_error}
+               "last_operation": m.last_operation, "last_error": vm.last_error,
+               "file_trees": self.listings.trees.notes(vm)}
         return (json.dumps(doc, indent=2) + "\n").encode()
 
     def close(self):

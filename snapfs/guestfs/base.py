@@ -169,6 +169,7 @@ class GuestFs:
 
     kind = "?"              # "ext4", "xfs", "vfat", "ntfs"
     root = 0                # the root directory's inode number
+    recovered = None        # what was done to show it (a journal replayed), for the user
 
     def __init__(self, read: Reader, size: int):
         self.reader = BudgetedReader(read)

@@ -168,10 +168,10 @@ class ExtGuestFs(GuestFs):
     root = ROOT_INO
 
     def __init__(self, read, size):
-        #: "replayed" when a journal was applied in memory; None if clean.
-        self.recovered = None
         if needs_recovery(read):
-            read, self.recovered = replay_journal(read, size), "replayed"
+            read = replay_journal(read, size)
+            self.recovered = (f"its journal was replayed in memory ({read.transactions} "
+                              f"transactions, {read.replayed} blocks)")
         super().__init__(read, size)
         try:
             raw = self.reader(SUPERBLOCK, 1024)

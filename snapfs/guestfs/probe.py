@@ -1,26 +1,25 @@
 """Which filesystem a view holds, and the reader that serves it.
 
-The first bytes decide (each format's magic number); a format no reader
-serves, or one that fails to open, gives no tree and a reason for the log.
+The first bytes decide (each format's magic number).  A format no reader
+serves gives no tree and a reason for the log; one that a reader serves
+but cannot open is an error (see ``open_guest_fs``).
 """
 
 from __future__ import annotations
 
-from ..errors import SnapfsError
 from . import ext, xfs
 
 
 def open_guest_fs(read, size):
     """(GuestFs, None), or (None, why not) when the view holds no
-    filesystem that snapfs can show."""
-    try:
-        head = read(0, 4096)
-        if ext.is_ext(read):
-            return ext.ExtGuestFs(read, size), None
-        if xfs.is_xfs(read):
-            return xfs.XfsGuestFs(read, size), None
-    except SnapfsError as e:
-        return None, str(e)
+    filesystem that snapfs reads.  A filesystem it reads but cannot show
+    (damaged, or a journal or log it cannot replay) raises FsDamaged or
+    Unsupported: that is worth telling the user, not just the log."""
+    head = read(0, 4096)
+    if ext.is_ext(read):
+        return ext.ExtGuestFs(read, size), None
+    if xfs.is_xfs(read):
+        return xfs.XfsGuestFs(read, size), None
     return None, _unknown(head)
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..errors import Busy, NotFound
+from ..errors import Busy, NotFound, SnapfsError
 from ..guestfs.partitions import find_partitions
 from ..guestfs.probe import open_guest_fs
 from ..guestfs.treediff import diff_trees
@@ -139,8 +139,11 @@ def diff_disk(disk, chain_a, chain_b):
 def _diff_view(view, number, chain_a, where_a, chain_b, where_b, changed):
     if not changed:
         return ViewDiff(view, number, "unchanged")
-    fs_a, why_a = open_guest_fs(_window_reader(chain_a, *where_a), where_a[1])
-    fs_b, why_b = open_guest_fs(_window_reader(chain_b, *where_b), where_b[1])
+    try:
+        fs_a, why_a = open_guest_fs(_window_reader(chain_a, *where_a), where_a[1])
+        fs_b, why_b = open_guest_fs(_window_reader(chain_b, *where_b), where_b[1])
+    except SnapfsError as e:    # damaged, or a journal that cannot be replayed
+        return ViewDiff(view, number, "skipped", reason=str(e), changed_bytes=changed.total())
     if fs_a is None or fs_b is None:
         reason = f"A: {why_a}" if fs_a is None else f"B: {why_b}"
         return ViewDiff(view, number, "skipped", reason=reason, changed_bytes=changed.total())

@@ -2,6 +2,7 @@
 path, mode, owner, link, time, attribute and byte of a snapshot's tree
 equals what a loop mount of the same view shows."""
 
+import json
 import os
 import secrets
 import shutil
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from ext4chain import DEFAULT_VERSIONS, build_ext4_chain, logs_tree
 from tests.support import users as U
+from tests.support.dirty_ext4 import build_dirty_ext4, needs_recovery
 from tests.support.mounting import control, expect_errno, loop_mounted, mounted, read_tree, snapfs
 from tests.support.trees import random_trees, snapshot_tree, write_tree
 
@@ -212,3 +214,60 @@ def _inode_location(imap_output):
     words = imap_output.replace(",", " ").split()
     at = words.index("located")             # "located at block B, offset 0xO"
     return int(words[at + 3]), int(words[at + 5], 16)
+
+
+def _journal_only(mnt):
+    """A directory and file whose metadata only the journal holds: fsync
+    commits the journal and leaves the home blocks to the checkpoint."""
+    os.mkdir(mnt / "after-sync")
+    (mnt / "after-sync" / "file").write_bytes(b"journalled\n" * 500)
+    for path in (mnt / "after-sync" / "file", mnt / "after-sync", mnt):
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def test_crash_consistent_snapshot_shows_the_replayed_tree(tmp_path):
+    """An ext4 copied while mounted: its tree, after the journal is
+    replayed in memory, equals a loop mount through the throwaway overlay
+    (where the kernel replays it), and control/status says so."""
+    image = tmp_path / "sda.img"
+    build_dirty_ext4(image, tmp_path, then=_journal_only)
+    assert needs_recovery(image)
+    store = _store_of(tmp_path, image)
+    with mounted(store, tmp_path / "mnt") as mnt:
+        snap = mnt / "vm" / "snapshots" / "crash"
+        os.mkdir(snap)
+        with loop_mounted(snap / "sda.raw", tmp_path / "loop", readonly=False) as loop:
+            expected = snapshot_tree(loop)
+        assert expected[0]["after-sync/file"]["data"] == b"journalled\n" * 500
+        assert snapshot_tree(snap / "sda.files") == expected
+        status = json.loads((mnt / "vm" / "control" / "status").read_bytes())
+        [said] = status["file_trees"]
+        assert said["tree"] == "vm/snapshots/crash/sda.files"
+        assert "journal was replayed in memory" in said["shown"]
+    assert needs_recovery(image)        # the volume itself is untouched
+
+
+def test_a_log_snapfs_cannot_replay_refuses_the_tree_with_eio(tmp_path):
+    """An XFS copied while mounted needs log recovery, which snapfs does not
+    do: its tree is there, answers EIO, and control/status says why."""
+    live, image = tmp_path / "live.img", tmp_path / "sda.img"
+    with open(live, "wb") as f:
+        f.truncate(320 << 20)       # mkfs.xfs's smallest
+    subprocess.run(["mkfs.xfs", "-q", "-f", str(live)], check=True)
+    with loop_mounted(live, tmp_path / "xfs", readonly=False) as xfs:
+        for i in range(50):
+            (xfs / f"f{i}").write_text("x")
+        subprocess.run(["sync", "-f", str(xfs)], check=True)
+        subprocess.run(["cp", "--sparse=always", str(live), str(image)], check=True)
+    store = _store_of(tmp_path, image)
+    with mounted(store, tmp_path / "mnt") as mnt:
+        snap = mnt / "vm" / "snapshots" / "crash"
+        os.mkdir(snap)
+        assert "sda.files" in os.listdir(snap)
+        expect_errno(5, os.listdir, snap / "sda.files")
+        status = json.loads((mnt / "vm" / "control" / "status").read_bytes())
+        [said] = status["file_trees"]
+        assert said["tree"] == "vm/snapshots/crash/sda.files"
+        assert "log needs recovery" in said["refused"]
