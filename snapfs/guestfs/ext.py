@@ -104,6 +104,8 @@ INODE_CACHE_BYTES = 4 << 20     # decoded inodes kept, by their on-disk size
 CACHE_ENTRIES = 4096            # inode tables and parents kept
 READ_CHUNK = 64 << 10           # directory blocks read at once
 MAX_INLINE_FILE = 1 << 20       # an inline file's size (its bytes past the inode are zeros)
+LOAD_GAP_BLOCKS = 8             # inode table blocks read through between two wanted ones
+LOAD_SPAN_BYTES = 256 << 10     # at most this at once
 
 
 def is_ext(read) -> bool:
@@ -609,7 +611,7 @@ class ExtGuestFs(GuestFs):
         (S_IFMT bits, or None) so that its inode is not read: ``snapfs
         diff`` knows it for the inodes whose record is the same bytes as in
         a version it listed before.  It must be the inode's own type; a
-        directory is checked as ``listdir`` checks it, whatever it says.
+        child it says is a directory is checked as ``listdir`` checks it.
         The answer is the one ``listdir`` gives; the inodes it does read
         are read a block of the inode table at a time."""
         return self._bounded(self._listdir_known, ino, known_type)
@@ -639,9 +641,10 @@ class ExtGuestFs(GuestFs):
         return entries
 
     def _load_inodes(self, inos):
-        """Decode these inodes into the cache, reading each block of the
-        inode tables they are in once.  One that cannot be read is left
-        out: reading it alone will say why."""
+        """Decode these inodes into the cache, reading the blocks of the
+        inode tables they are in once, neighbouring blocks in one read (a
+        directory's files are mostly numbered in a row).  One that cannot
+        be read is left out: reading it alone will say why."""
         bs, blocks = self.block_size, {}
         for ino in inos:
             if self._inodes.get(ino) is not None or not 1 <= ino <= self.inodes_count:
@@ -654,14 +657,17 @@ class ExtGuestFs(GuestFs):
             except FsDamaged:
                 continue
             blocks.setdefault(offset // bs, []).append((ino, offset % bs))
-        for block, members in blocks.items():
-            raw = self.reader(block * bs, bs)
-            for ino, at in members:
-                if at + self.inode_size <= len(raw):
-                    try:
-                        self._inodes.put(ino, self._decode_inode(ino, raw[at:at + self.inode_size]))
-                    except FsDamaged:
-                        pass
+        for first, last in _spans(sorted(blocks), LOAD_GAP_BLOCKS, LOAD_SPAN_BYTES // bs):
+            raw = self.reader(first * bs, (last + 1 - first) * bs)
+            for block in range(first, last + 1):
+                for ino, at in blocks.get(block, ()):
+                    at += (block - first) * bs
+                    if at + self.inode_size <= len(raw):
+                        try:
+                            self._inodes.put(ino, self._decode_inode(
+                                ino, raw[at:at + self.inode_size]))
+                        except FsDamaged:
+                            pass
 
     # -- block maps ----------------------------------------------------------
 
@@ -840,6 +846,21 @@ class ExtGuestFs(GuestFs):
         if inline is not None:
             return inline
         return self.read_file(self._byte_runs(holder, []), 0, value_size)
+
+
+def _spans(numbers, gap, most):
+    """(first, last) of runs of sorted ``numbers`` where each is at most
+    ``gap`` after the one before, each run at most ``most`` long."""
+    first = last = None
+    for n in numbers:
+        if first is not None and n - last <= gap and n - first < most:
+            last = n
+            continue
+        if first is not None:
+            yield first, last
+        first = last = n
+    if first is not None:
+        yield first, last
 
 
 def _device(i_block):

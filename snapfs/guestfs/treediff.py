@@ -34,9 +34,8 @@ What is read, given ``changed`` (the view's ranges that may differ,
 * an inode is unchanged when the bytes of its record and maps
   (``metadata_ranges``) are the same in B, and its data (``runs``) lie
   in unchanged ranges (a directory's blocks: the same bytes).  Only the
-  parts of those ranges that meet a changed range are read, a 4 KiB
-  block at a time on each side (a block of the inode table holds 16
-  records);
+  parts of those ranges that meet a changed range are read, 64 KiB at
+  a time on each side (that much of an inode table holds 256 records);
 * B's directory listing is A's, unread, when the directory is
   unchanged; a directory that is listed in B reads only the inodes of
   the entries that are not unchanged (their type, for the walk), where
@@ -73,8 +72,8 @@ from dataclasses import dataclass, field
 from ..errors import SnapfsError
 
 COMPARE_CHUNK = 1 << 20         # bytes of file content compared at a time
-SAME_BLOCK = 4096               # the grain at which records and maps are compared
-SAME_BLOCKS_KEPT = 2048         # blocks of both sides kept meanwhile (16 MiB at most)
+SAME_BLOCK = 64 << 10           # the grain at which records and maps are read (a qcow2 cluster)
+SAME_BLOCKS_KEPT = 256          # blocks that differ kept meanwhile (32 MiB at most)
 
 
 @dataclass(frozen=True, order=True)
@@ -296,8 +295,8 @@ class _Differ:
 
     def _same_bytes(self, ranges):
         """Do the views hold the same bytes in ``ranges``?  Only the parts
-        in changed ranges are read, a block at a time on both sides: the
-        records of neighbouring inodes share their blocks."""
+        in changed ranges are read, 64 KiB at a time on both sides: the
+        records of neighbouring inodes share them (256 to a block)."""
         for start, length in ranges:
             if not self.changed.intersects(start, length):
                 continue

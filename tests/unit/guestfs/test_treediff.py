@@ -7,6 +7,7 @@ odd names (spaces, newlines, bytes that are not UTF-8)."""
 import os
 import random
 import re
+import stat
 import subprocess
 
 import pytest
@@ -324,3 +325,48 @@ def test_a_change_only_in_the_file_map_is_found(tmp_path, case):
 
 def _file_reader(f):
     return lambda offset, length: os.pread(f.fileno(), length, offset)
+
+
+def test_the_ext_readers_diff_calls_agree_with_the_interface(tmp_path):
+    """``listdir_known`` lists as ``listdir`` does, told the types or not
+    (a directory is checked all the same); ``layout`` is ``stat``'s type, ``metadata_ranges`` and
+    ``runs``; the ranges hold the extent tree blocks debugfs names.  On
+    an image with inline files, a deep extent tree, symlinks and devices."""
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    for i in range(40):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(i * 97))
+    with open(src / "sparse", "wb") as f:
+        for block in range(0, 1200, 2):             # 600 extents: a tree of two leaves
+            f.seek(block * BLOCK)
+            f.write(os.urandom(BLOCK))
+    os.symlink("d/f1", src / "link")
+    os.symlink("x" * 200, src / "long-link")
+    os.mkfifo(src / "fifo")
+    image = tmp_path / "fs.raw"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    # mkfs writes it; no kernel mounts it (inline_data, see _versions).
+    run("mkfs.ext4", "-q", "-b", str(BLOCK), "-O", "inline_data", "-d", src, image)
+    with open(image, "rb") as f:
+        fs, _ = open_guest_fs(_file_reader(f), IMAGE_SIZE)
+        fresh, _ = open_guest_fs(_file_reader(f), IMAGE_SIZE)
+        types, todo = {fs.root: stat.S_IFDIR}, [fs.root]
+        while todo:
+            d = todo.pop()
+            listing = fs.listdir(d)
+            assert fs.listdir_known(d, None) == listing
+            types.update((child, kind) for _, child, kind in listing)
+            # Told the types, or that everything is a directory (which is
+            # checked): the same answer, from a reader that cached nothing.
+            assert fresh.listdir_known(d, types.get) == listing
+            assert fresh.listdir_known(d, lambda ino: stat.S_IFDIR) == listing
+            todo += [child for _, child, kind in listing if kind == stat.S_IFDIR]
+        for ino, kind in types.items():
+            assert fs.layout(ino) == (stat.S_IFMT(fs.stat(ino).mode), fs.metadata_ranges(ino),
+                                      fs.runs(ino))
+            assert kind == stat.S_IFMT(fs.stat(ino).mode)
+        sparse = next(c for n, c, _ in fs.listdir(fs.root) if n == b"sparse")
+        leaves = _map_blocks(image, sparse)
+        assert len(leaves) >= 2
+        assert {s // BLOCK for s, _ in fs.metadata_ranges(sparse)[1:]} == leaves
