@@ -271,8 +271,8 @@ class XfsGuestFs(GuestFs):
                 raise FsDamaged(f"xfs: inode {node.inum} has a bad B+tree block at {ptr} "
                                 f"(level {level}, {count} records)")
             if level:
-                todo += [(child, level - 1)
-                         for child in struct.unpack_from(f">{count}Q", block, header + per_node * 8)]
+                children = struct.unpack_from(f">{count}Q", block, header + per_node * 8)
+                todo += [(child, level - 1) for child in children]
         return sorted(out)
 
 
