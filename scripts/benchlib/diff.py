@@ -88,7 +88,7 @@ def _edit(root, rnd, dirs, files, big_count, big_size, written):
             removed.add(path)
             path.unlink()
     os.rename(root / "d001", root / "d001-renamed")
-    os.sync()
+    run("sync", "-f", root)         # this filesystem only
 
 
 # -- the reference: a full comparison -----------------------------------------

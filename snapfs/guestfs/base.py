@@ -170,6 +170,10 @@ class GuestFs:
     kind = "?"              # "ext4", "xfs", "vfat", "ntfs"
     root = 0                # the root directory's inode number
     recovered = None        # what was done to show it (a journal replayed), for the user
+    # True when ``metadata_ranges``, if not empty, names every byte range of
+    # the inode's record and maps; ``snapfs diff`` compares every file in
+    # full on a reader that cannot promise it.
+    exact_metadata_ranges = False
 
     def __init__(self, read: Reader, size: int):
         self.reader = BudgetedReader(read)

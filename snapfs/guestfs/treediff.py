@@ -27,22 +27,36 @@ only how it is reached.  So:
 What is read, given ``changed`` (the view's ranges that may differ,
 ``store.changed.RangeSet``):
 
-* A's directories are all listed: names are only found by walking the
-  tree (ext4 has no parent pointers for files), so this is the floor;
-* B's directory listing is A's, unread, when the directory's inode
-  record and blocks (``metadata_ranges`` and ``runs``) lie in unchanged
-  ranges;
-* a file in both trees whose inode record and runs lie in unchanged
-  ranges is unchanged, and is never stat'ed in B; others are stat'ed on
-  both sides, and their content is read only where the two run maps
-  differ or meet a changed range.
+* A's directories are all listed, and each inode they name is read once
+  in A (its record, and the blocks of its map if it has any): names are
+  only found by walking the tree (ext4 has no parent pointers for
+  files), and a file's blocks only from its map, so this is the floor;
+* an inode is unchanged when the bytes of its record and maps
+  (``metadata_ranges``) are the same in B, and its data (``runs``) lie
+  in unchanged ranges (a directory's blocks: the same bytes).  Only the
+  parts of those ranges that meet a changed range are read, 64 KiB at
+  a time on each side (that much of an inode table holds 256 records);
+* B's directory listing is A's, unread, when the directory is
+  unchanged; a directory that is listed in B reads only the inodes of
+  the entries that are not unchanged (their type, for the walk), where
+  the reader offers ``listdir_known``;
+* an unchanged inode is never stat'ed in B; others are stat'ed on both
+  sides, and their content is read only where the two run maps differ
+  or meet a changed range.
 
 The shortcuts trust ``metadata_ranges`` to name every block of an
 inode's maps (for ext4: extent tree blocks below the inode too, indirect
-blocks of ext2/3); a reader that leaves some out could hide a change made
-only there.  A format that cannot say where an inode lives (empty ``metadata_ranges``)
-and a filesystem whose journal was replayed in memory (its bytes are not
-the view's) get no shortcut: each such file is compared in full.
+blocks of ext2/3; for XFS the blocks of a B+tree data fork); a reader
+that could leave some out (``exact_metadata_ranges`` False, the default
+of ``GuestFs``) gets no shortcut, nor does an inode whose ranges are
+empty (the format cannot say where it lives), nor any inode of a
+filesystem whose journal was replayed in memory (its bytes are not the
+view's): each such file is compared in full.
+
+Optional reader methods, used when present (ext has them): ``layout(ino)``
+gives the type, ``metadata_ranges`` and ``runs`` in one request, and
+``listdir_known(ino, known_type)`` lists a directory as ``listdir`` does
+without reading the inodes whose type the caller knows.
 
 Damage is reported, never fatal: a directory that cannot be listed on
 either side is left out on both (with its subtree), a file that cannot be
@@ -58,6 +72,8 @@ from dataclasses import dataclass, field
 from ..errors import SnapfsError
 
 COMPARE_CHUNK = 1 << 20         # bytes of file content compared at a time
+SAME_BLOCK = 64 << 10           # the grain at which records and maps are read (a qcow2 cluster)
+SAME_BLOCKS_KEPT = 256          # blocks that differ kept meanwhile (32 MiB at most)
 
 
 @dataclass(frozen=True, order=True)
@@ -109,6 +125,11 @@ class _Differ:
                            files_skipped=0, bytes_compared=0)
         self._unchanged = {}
         self._twice = set()
+        self._blocks = {}           # block number -> (A's bytes, B's bytes) or True if equal
+        self._kinds = {}            # ino -> type bits, from A's listings
+        # A reader whose metadata_ranges may leave a map block out gets no
+        # shortcut: a change made only there would go unseen.
+        self.exact = bool(getattr(a, "exact_metadata_ranges", False))
 
     def run(self):
         self._walk(self.a, reuse=False)
@@ -151,15 +172,30 @@ class _Differ:
                 self.counts["dirs_reused"] += 1
             else:
                 try:
-                    entries = tree.fs.listdir(ino)
+                    entries = self._listdir(tree, ino)
                 except SnapfsError as e:
                     tree.failed[ino] = str(e)
                     continue
                 self.counts[f"dirs_listed_{side}"] += 1
             tree.listings[ino] = entries
             for name, child, kind in entries:
+                if not reuse and kind:
+                    self._kinds[child] = kind
                 if self._is_dir(tree, child, kind):
                     todo.append(child)
+
+    def _listdir(self, tree, ino):
+        """B's directories are listed with the types of the inodes found
+        unchanged taken from A, where the reader can (their records are
+        the same bytes): only the others' inodes are read in B."""
+        known = getattr(tree.fs, "listdir_known", None)
+        if known is None:
+            return tree.fs.listdir(ino)
+        return known(ino, None if tree is self.a else self._type_from_a)
+
+    def _type_from_a(self, ino):
+        kind = self._kinds.get(ino)
+        return kind if kind and self._inode_unchanged(ino) else None
 
     def _is_dir(self, tree, ino, kind):
         if kind:
@@ -198,6 +234,9 @@ class _Differ:
     # -- one inode ------------------------------------------------------------
 
     def _changes_of(self, ino, in_a, in_b, paths_a, paths_b):
+        if in_a == in_b and self._inode_unchanged(ino) and all(
+                self._same_object(d) for d, _ in in_a):
+            return []       # the common case, the same answer as below, sooner
         if not in_a or not in_b or not self._same_object(ino):
             return ([Change(_join(paths_a, n), "-") for n in in_a]
                     + [Change(_join(paths_b, n), "+") for n in in_b])
@@ -228,13 +267,12 @@ class _Differ:
         known = self._unchanged.get(ino)
         if known is not None:
             return known
-        fs, answer = self.a.fs, False
+        answer = False
         try:
-            ranges = fs.metadata_ranges(ino)
+            is_dir, ranges, runs = self._layout(ino)
             if ranges and self._same_bytes(ranges):
-                runs = fs.runs(ino) if fs.inline_data(ino) is None else []
-                data = [(s, n) for s, n in runs if s is not None]
-                if fs.stat(ino).is_dir:
+                data = [(s, n) for s, n in runs() or () if s is not None]
+                if is_dir:
                     answer = self._same_bytes(data)     # a directory's blocks are small
                 else:
                     answer = not any(self.changed.intersects(s, n) for s, n in data)
@@ -245,15 +283,51 @@ class _Differ:
         self._unchanged[ino] = answer
         return answer
 
+    def _layout(self, ino):
+        """(is a directory, A's metadata ranges, a function giving its runs),
+        in one request where the reader can."""
+        fs = self.a.fs
+        if not self.exact:
+            return False, [], None
+        layout = getattr(fs, "layout", None)
+        if layout is not None:
+            kind, ranges, runs = layout(ino)
+            return kind == S.S_IFDIR, ranges, lambda: runs
+        return (self._is_dir(self.a, ino, self._kinds.get(ino, 0)), fs.metadata_ranges(ino),
+                lambda: fs.runs(ino))
+
     def _same_bytes(self, ranges):
         """Do the views hold the same bytes in ``ranges``?  Only the parts
-        in changed ranges are read."""
+        in changed ranges are read, 64 KiB at a time on both sides: the
+        records of neighbouring inodes share them (256 to a block)."""
         for start, length in ranges:
-            if self.changed.intersects(start, length):
-                self.counts["bytes_compared"] += length
-                if self.a.fs.reader(start, length) != self.b.fs.reader(start, length):
+            if not self.changed.intersects(start, length):
+                continue
+            self.counts["bytes_compared"] += length
+            end = start + length
+            for block in range(start // SAME_BLOCK, (end - 1) // SAME_BLOCK + 1):
+                at = block * SAME_BLOCK
+                lo, hi = max(start, at), min(end, at + SAME_BLOCK)
+                if not self.changed.intersects(lo, hi - lo):
+                    continue
+                pair = self._blocks.get(block)
+                if pair is None:
+                    pair = self._read_pair(block)
+                if pair is not True and pair[0][lo - at:hi - at] != pair[1][lo - at:hi - at]:
                     return False
         return True
+
+    def _read_pair(self, block):
+        """A's and B's bytes of one block, or True if they are equal
+        (kept for the next inode in it, a few thousand at most)."""
+        at = block * SAME_BLOCK
+        pair = (self.a.fs.reader(at, SAME_BLOCK), self.b.fs.reader(at, SAME_BLOCK))
+        if pair[0] == pair[1]:
+            pair = True
+        if len(self._blocks) >= SAME_BLOCKS_KEPT:
+            self._blocks.pop(next(iter(self._blocks)))
+        self._blocks[block] = pair
+        return pair
 
     def _stat(self, tree, ino, strict=False):
         st = tree.stats.get(ino)

@@ -30,7 +30,7 @@ import struct
 from dissect.xfs import XFS
 from dissect.xfs.c_xfs import FILETYPES, c_xfs
 
-from .base import FsDamaged, GuestFs, ReaderFile, Stat, Unsupported
+from .base import MAX_RUNS, FsDamaged, GuestFs, ReaderFile, Stat, Unsupported
 from .xfs_log import log_is_clean
 
 MAGIC = b"XFSB"
@@ -42,6 +42,7 @@ DIR2_LEAF_OFFSET = 32 << 30
 DATA_MAGICS = {b"XD2B", b"XD2D", b"XDB3", b"XDD3"}
 BLOCK_MAGICS = {b"XD2B", b"XDB3"}   # single-block directories: leaf and tail at the end
 FREE_TAG = 0xFFFF
+BTREE_MAXLEVELS = 9                 # XFS_BTREE_MAXLEVELS
 
 
 def is_xfs(read) -> bool:
@@ -50,6 +51,7 @@ def is_xfs(read) -> bool:
 
 class XfsGuestFs(GuestFs):
     kind = "xfs"
+    exact_metadata_ranges = True    # the record, and a B+tree map's blocks
 
     def __init__(self, read, size):
         super().__init__(read, size)
@@ -228,9 +230,50 @@ class XfsGuestFs(GuestFs):
         return _merged(out)
 
     def _metadata_ranges(self, ino):
+        """The inode's record, which holds its map unless the data fork is a
+        B+tree: then every block of the tree too (the root is in the
+        record).  The attribute fork is not shown, so it does not count."""
         node = self._inode(ino)
         ag_start = node.ag.num * self.agblocks * self.block_size
-        return [(ag_start + node.relative_inum * self.inode_size, self.inode_size)]
+        ranges = [(ag_start + node.relative_inum * self.inode_size, self.inode_size)]
+        if node.inode.di_format == FMT_BTREE:
+            ranges += [(offset, self.block_size) for offset in self._bmap_btree_blocks(node)]
+        return ranges
+
+    def _bmap_btree_blocks(self, node):
+        """The view offsets of a B+tree data fork's blocks, nodes and leaves,
+        each level checked to be its parent's less one (as the kernel's
+        xfs_btree_check_lblock) so that a pointer back up the tree ends."""
+        fork = node.datafork().read()
+        if len(fork) < 4:
+            raise FsDamaged(f"xfs: inode {node.inum} has a truncated B+tree root")
+        level, count = struct.unpack_from(">HH", fork, 0)
+        most = (len(fork) - 4) // 16
+        if not 0 < level <= BTREE_MAXLEVELS or count > most:
+            raise FsDamaged(f"xfs: inode {node.inum} has a bad B+tree root "
+                            f"(level {level}, {count} records)")
+        header, magic = (72, b"BMA3") if self.fs._has_crc else (24, b"BMAP")
+        bs = self.block_size
+        per_node = (bs - header) // 16
+        todo = [(ptr, level - 1) for ptr in struct.unpack_from(f">{count}Q", fork, 4 + most * 8)]
+        out = []
+        while todo:
+            ptr, want = todo.pop()
+            offset = self._byte(ptr)
+            block = self.reader(offset, bs) if 0 <= offset <= self.size - bs else b""
+            if len(block) != bs or block[:4] != magic:
+                raise FsDamaged(f"xfs: inode {node.inum} has a bad B+tree block at {ptr}")
+            out.append(offset)
+            if len(out) > MAX_RUNS:
+                raise FsDamaged(f"xfs: inode {node.inum} has over {MAX_RUNS} map blocks")
+            level, count = struct.unpack_from(">HH", block, 4)
+            if level != want or count > per_node:
+                raise FsDamaged(f"xfs: inode {node.inum} has a bad B+tree block at {ptr} "
+                                f"(level {level}, {count} records)")
+            if level:
+                children = struct.unpack_from(f">{count}Q", block, header + per_node * 8)
+                todo += [(child, level - 1) for child in children]
+        return sorted(out)
 
 
 def _time_ns(value, bigtime):

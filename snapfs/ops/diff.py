@@ -31,6 +31,8 @@ skipped, with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -150,9 +152,25 @@ def _diff_view(view, number, chain_a, where_a, chain_b, where_b, changed):
     if fs_a.kind != fs_b.kind:
         return ViewDiff(view, number, "skipped", reason=f"{fs_a.kind} in A, {fs_b.kind} in B",
                         changed_bytes=changed.total())
-    found = diff_trees(fs_a, fs_b, changed)
+    with _no_cycle_collector():
+        found = diff_trees(fs_a, fs_b, changed)
     return ViewDiff(view, number, "compared", kind=fs_a.kind, changed_bytes=changed.total(),
                     changes=found.changes, damaged=found.damaged, stats=found.stats)
+
+
+@contextlib.contextmanager
+def _no_cycle_collector():
+    """The comparison keeps a few hundred thousand small objects (listings,
+    decoded inodes, ranges) that reference counting frees, none in a
+    cycle; the cyclic collector would scan them again each time the heap
+    grew by a quarter, a fifth of the run time.  Off while it runs."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _window_reader(chain, start, length):

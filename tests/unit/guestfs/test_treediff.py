@@ -6,14 +6,20 @@ odd names (spaces, newlines, bytes that are not UTF-8)."""
 
 import os
 import random
+import re
+import stat
 import subprocess
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from snapfs.guestfs.probe import open_guest_fs
+from snapfs.guestfs.treediff import diff_trees
 from snapfs.ops.diff import diff_vm
+from snapfs.store.changed import RangeSet
 from snapfs.store.store import Store
-from tests.support.ext4diff import kernel_diff, overlay, run
+from tests.support.ext4diff import differing_ranges, kernel_diff, loop_mounted_ro, overlay, run
 from tests.support.mounting import snapfs
 
 IMAGE_SIZE = 32 << 20
@@ -135,7 +141,8 @@ def _changes(store, a, b):
     return sorted((c.path, c.change, c.new_path) for c in view.changes)
 
 
-@settings(max_examples=10)
+# SNAPFS_TREEDIFF_EXAMPLES=200 for a longer search than the default run's.
+@settings(max_examples=int(os.environ.get("SNAPFS_TREEDIFF_EXAMPLES", "10")), deadline=None)
 @given(data=st.data())
 def test_diff_equals_a_full_kernel_comparison(tmp_path_factory, data):
     work = tmp_path_factory.mktemp("treediff")
@@ -211,3 +218,155 @@ def test_a_directory_loop_is_walked_once_and_reported(tmp_path):
     # The ext reader shows no second way into a directory (guestfs/ext.py),
     # so the loop's entry is not listed, and the walk ends.
     assert all(not c.path.startswith(b"/d1/d2/up") for c in view.changes), view.changes
+
+
+BLOCK = 4096
+# (mkfs, the edit of one block of the file, which block): on ext4 a written
+# extent turned unwritten in place (a leaf of a 1000-extent tree changes,
+# the data block stays as it was); on ext3 a block punched out under the
+# double-indirect block (an indirect block changes, the freed block not).
+MAP_EDITS = {
+    "ext4-extent-leaf": ("mkfs.ext4", ["fallocate", "-z"], 1000),
+    "ext3-double-indirect": ("mkfs.ext3", ["fallocate", "-p", "-n"], 1060),
+}
+
+
+def _fragmented_file(mnt, ext4):
+    """/f on the mounted filesystem: on ext4 every other block written (one
+    extent each, so a tree of several leaves); on ext3 1100 blocks, past
+    the double-indirect block's start (12 + 1024)."""
+    rnd = random.Random(7)
+    with open(mnt / "f", "wb") as f:
+        for block in (range(0, 2000, 2) if ext4 else range(1100)):
+            os.pwrite(f.fileno(), rnd.randbytes(BLOCK), block * BLOCK)
+        f.truncate(2000 * BLOCK if ext4 else 1100 * BLOCK)
+        os.fsync(f.fileno())
+    return os.stat(mnt / "f").st_ino
+
+
+def _inode_record(image, ino):
+    """(offset, length) of inode ``ino``'s record, as debugfs locates it."""
+    out = run("debugfs", "-R", f"imap <{ino}>", image, text=True).stdout
+    block, offset = re.search(r"located at block (\d+), offset (0x[0-9a-f]+)", out).groups()
+    size = re.search(r"Inode size:\s+(\d+)", run("dumpe2fs", "-h", image, text=True).stdout)
+    return int(block) * BLOCK + int(offset, 16), int(size.group(1))
+
+
+def _map_blocks(image, ino):
+    """The extent tree or indirect blocks of an inode, from debugfs."""
+    out = run("debugfs", "-R", f"stat <{ino}>", image, text=True).stdout
+    return {int(b) for b in re.findall(r"\((?:ETB\d+|IND|DIND|TIND)\):(\d+)", out)}
+
+
+def _data_extents(mnt, name):
+    """[(byte offset, length)] of a file's data on its device (FIEMAP)."""
+    out = run("filefrag", "-v", "-b4096", mnt / name, text=True).stdout
+    return [(int(phys) * BLOCK, (int(phys_end) - int(phys) + 1) * BLOCK)
+            for phys, phys_end in re.findall(r"^\s*\d+:\s+\d+\.\.\s+\d+:\s+(\d+)\.\.\s*(\d+):",
+                                             out, re.M)]
+
+
+@pytest.mark.parametrize("case", sorted(MAP_EDITS))
+def test_a_change_only_in_the_file_map_is_found(tmp_path, case):
+    """B differs from A, for /f, only in one block of its map (an extent
+    leaf, an indirect block) and what it maps: the record and every data
+    block A had are the same bytes.  A diff that skipped a file on its
+    record and data alone would miss the change."""
+    mkfs, edit, block = MAP_EDITS[case]
+    base, edited = tmp_path / "base.raw", tmp_path / "edited.raw"
+    with open(base, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    run(mkfs, "-q", "-b", str(BLOCK), "-O", "^inline_data", base)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run("mount", "-o", "loop", base, mnt)
+    try:
+        ino = _fragmented_file(mnt, mkfs == "mkfs.ext4")
+    finally:
+        run("umount", mnt)
+    run("cp", "--sparse=always", base, edited)
+    run("mount", "-o", "loop", edited, mnt)
+    try:
+        run(*edit, "-o", str(block * BLOCK), "-l", str(BLOCK), mnt / "f")
+    finally:
+        run("umount", mnt)
+    # The edit's new times (and i_blocks) are put back: the record is A's.
+    start, length = _inode_record(base, ino)
+    with open(base, "rb") as a, open(edited, "r+b") as b:
+        a.seek(start)
+        b.seek(start)
+        b.write(a.read(length))
+    changed = differing_ranges(base, edited, BLOCK)
+    maps = _map_blocks(base, ino)
+    assert len(maps) >= 2, maps
+    assert any(s // BLOCK in maps for s, _ in changed), (maps, changed)
+    with loop_mounted_ro(base, tmp_path / "a") as a:
+        data = _data_extents(a, "f")
+    assert len(data) > 4
+    assert not any(s < d + n and d < s + length for s, length in changed for d, n in data), \
+        "a data block of A changed: the case would not test the map"
+    expected = kernel_diff(base, edited, tmp_path)
+    assert expected == [(b"/f", "M", None)]
+    # The changed set at the block's grain (a qcow2 layer's 64 KiB clusters
+    # would also hold some of the file's data blocks, next to its map).
+    with open(base, "rb") as fa, open(edited, "rb") as fb:
+        fs_a, _ = open_guest_fs(_file_reader(fa), IMAGE_SIZE)
+        fs_b, _ = open_guest_fs(_file_reader(fb), IMAGE_SIZE)
+        found = diff_trees(fs_a, fs_b, RangeSet((s, s + n) for s, n in changed))
+        assert found.stats["files_skipped"] > 0
+        # A reader that does not promise every map block gets no shortcut.
+        fs_a.exact_metadata_ranges = fs_b.exact_metadata_ranges = False
+        in_full = diff_trees(fs_a, fs_b, RangeSet((s, s + n) for s, n in changed))
+        assert in_full.stats["files_skipped"] == 0
+    assert found.damaged == [] and in_full.damaged == []
+    assert [(c.path, c.change, c.new_path) for c in found.changes] == expected
+    assert in_full.changes == found.changes
+
+
+def _file_reader(f):
+    return lambda offset, length: os.pread(f.fileno(), length, offset)
+
+
+def test_the_ext_readers_diff_calls_agree_with_the_interface(tmp_path):
+    """``listdir_known`` lists as ``listdir`` does, told the types or not
+    (a directory is checked all the same); ``layout`` is ``stat``'s type, ``metadata_ranges`` and
+    ``runs``; the ranges hold the extent tree blocks debugfs names.  On
+    an image with inline files, a deep extent tree, symlinks and devices."""
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    for i in range(40):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(i * 97))
+    with open(src / "sparse", "wb") as f:
+        for block in range(0, 1200, 2):             # 600 extents: a tree of two leaves
+            f.seek(block * BLOCK)
+            f.write(os.urandom(BLOCK))
+    os.symlink("d/f1", src / "link")
+    os.symlink("x" * 200, src / "long-link")
+    os.mkfifo(src / "fifo")
+    image = tmp_path / "fs.raw"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    # mkfs writes it; no kernel mounts it (inline_data, see _versions).
+    run("mkfs.ext4", "-q", "-b", str(BLOCK), "-O", "inline_data", "-d", src, image)
+    with open(image, "rb") as f:
+        fs, _ = open_guest_fs(_file_reader(f), IMAGE_SIZE)
+        fresh, _ = open_guest_fs(_file_reader(f), IMAGE_SIZE)
+        types, todo = {fs.root: stat.S_IFDIR}, [fs.root]
+        while todo:
+            d = todo.pop()
+            listing = fs.listdir(d)
+            assert fs.listdir_known(d, None) == listing
+            types.update((child, kind) for _, child, kind in listing)
+            # Told the types, or that everything is a directory (which is
+            # checked): the same answer, from a reader that cached nothing.
+            assert fresh.listdir_known(d, types.get) == listing
+            assert fresh.listdir_known(d, lambda ino: stat.S_IFDIR) == listing
+            todo += [child for _, child, kind in listing if kind == stat.S_IFDIR]
+        for ino, kind in types.items():
+            assert fs.layout(ino) == (stat.S_IFMT(fs.stat(ino).mode), fs.metadata_ranges(ino),
+                                      fs.runs(ino))
+            assert kind == stat.S_IFMT(fs.stat(ino).mode)
+        sparse = next(c for n, c, _ in fs.listdir(fs.root) if n == b"sparse")
+        leaves = _map_blocks(image, sparse)
+        assert len(leaves) >= 2
+        assert {s // BLOCK for s, _ in fs.metadata_ranges(sparse)[1:]} == leaves

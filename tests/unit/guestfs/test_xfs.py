@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 
@@ -131,15 +132,51 @@ def test_probe_opens_xfs(xfs_image):
     assert why is None and isinstance(gfs, XfsGuestFs)
 
 
-def test_metadata_range_is_the_inode_record(xfs_image):
+def test_metadata_ranges_are_the_record_and_the_map_blocks(xfs_image):
+    """The record first; for a B+tree data fork, then every block of the
+    tree, as xfs_db counts them (the fragmented file's and the big
+    directory's)."""
     read, size = image_reader(xfs_image)
     gfs = XfsGuestFs(read, size)
-    for _path, (ino, _st) in list(walk_guest(gfs).items())[:50]:
-        [(offset, length)] = gfs.metadata_ranges(ino)
+    inodes = walk_guest(gfs)
+    for path, (ino, _st) in list(inodes.items())[:50] + [
+            (p, inodes[p]) for p in (b"fragmented", b"btree")]:
+        (offset, length), *maps = gfs.metadata_ranges(ino)
         record = read(offset, length)
         assert record[:2] == b"IN" and length == gfs.inode_size
         if gfs.fs._has_crc:     # v5 inodes name themselves
             assert int.from_bytes(record[152:160], "big") == ino
+        if gfs.fs.get_inode(ino).inode.di_format != 3:
+            assert maps == [], path
+            continue
+        assert maps and all(read(o, 4) in (b"BMAP", b"BMA3") and n == gfs.block_size
+                            for o, n in maps), path
+        assert len(maps) == _bmbt_blocks_by_xfs_db(xfs_image, ino), path
+
+
+def _bmbt_blocks_by_xfs_db(image, ino):
+    """How many blocks the data fork's B+tree has, from xfs_db: the
+    root's pointers, then each level's blocks' pointers down to the leaves."""
+    def run_db(*commands):
+        args = ["xfs_db", "-r"]
+        for c in commands:
+            args += ["-c", c]
+        return subprocess.run(args + [str(image)], check=True, capture_output=True,
+                              text=True).stdout
+
+    def ptrs(text):
+        found = re.search(r"ptrs\[[^]]*\] = (.*)", text)
+        # "ptrs[1] = 127", or "ptrs[1-2] = 1:127 2:130"
+        return [int(p.split(":")[-1]) for p in found.group(1).split()] if found else []
+
+    total, todo = 0, ptrs(run_db(f"inode {ino}", "print u3.bmbt"))
+    while todo:
+        ptr = todo.pop()
+        total += 1
+        text = run_db(f"fsblock {ptr}", "type bmapbtd", "print")
+        if int(re.search(r"level = (\d+)", text).group(1)) > 0:
+            todo += ptrs(text)
+    return total
 
 
 def _logprint_state(image):
