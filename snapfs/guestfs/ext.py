@@ -103,7 +103,9 @@ ACL_VALID_TAGS = (0x1, 0x2, 0x4, 0x8, 0x10, 0x20)
 INODE_CACHE_BYTES = 4 << 20     # decoded inodes kept, by their on-disk size
 CACHE_ENTRIES = 4096            # inode tables and parents kept
 READ_CHUNK = 64 << 10           # directory blocks read at once
-MAX_INLINE_FILE = 1 << 20       # an inline file's size (its bytes past the inode are zeros)
+# An inline file's size: its bytes past the inode read as zeros, which are
+# made in memory (mkfs -d keeps a sparse file with little data inline).
+MAX_INLINE_FILE = 64 << 20
 LOAD_GAP_BLOCKS = 8             # inode table blocks read through between two wanted ones
 LOAD_SPAN_BYTES = 256 << 10     # at most this at once
 
