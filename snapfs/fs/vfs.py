@@ -105,6 +105,26 @@ class Vfs(OperationRunner, Tree):
         children = self._children(node)
         return [(name, self._nodes[i]) for name, i in list(children.items())]
 
+    def tree_listing(self, inode, wait=True):
+        """[(name bytes, GuestEntry)] of a directory in a tree, kept by the
+        tree (not to be changed); None for any other directory, or, with
+        ``wait=False``, when the listing is not at hand (fs/filetree.py)."""
+        node = self.node(inode) if wait else self.node_nowait(inode)
+        tree = _tree_of(node) if node is not None else None
+        if tree is None or not node.is_dir:
+            return None
+        return tree.listdir(inode, wait)
+
+    def node_nowait(self, inode):
+        """``node`` if it needs no parsing (in a tree: its stat is at hand),
+        else None."""
+        try:
+            if not is_guest_inode(inode):
+                return super().node(inode)
+            return self.listings.trees.of(inode).entry(inode, wait=False)
+        except NotFound:
+            return None
+
     def guest_stat(self, node):
         """The guest's Stat of a file in a tree or of a tree's root, else None."""
         if isinstance(node, GuestEntry):
