@@ -45,6 +45,7 @@ STAT_CACHE = 65536          # Stats kept per tree (the kernel keeps its own copy
 LISTING_CACHE = 1024        # directory listings (names) kept per tree
 ENTRY_CACHE = 1 << 18       # entries of the listings kept with their stats, per tree
 RUNS_CACHE = 1024           # extent maps kept per tree
+XATTR_CACHE = 4096          # files' extended attributes kept per tree
 
 
 @dataclass(slots=True)
@@ -127,6 +128,7 @@ class FileTree:
         self._listings = _Lru(LISTING_CACHE)
         self._entries = _Lru(ENTRY_CACHE, weight=lambda entries: max(1, len(entries)))
         self._runs = _Lru(RUNS_CACHE)
+        self._xattrs = _Lru(XATTR_CACHE)
 
     # -- inode numbers -----------------------------------------------------------
 
@@ -244,10 +246,21 @@ class FileTree:
         with self._lock:
             return self.fs.readlink(self.guest_inode(inode))
 
-    def xattrs(self, inode):
+    def xattrs(self, inode, wait=True):
+        """{name: value}, kept (``ls -l`` asks for two of every file it
+        lists, and the kernel keeps none); with ``wait=False``, None unless
+        at hand and the lock free."""
+        if not wait:
+            if not self._at_hand() or not self._lock.acquire(blocking=False):
+                return None
+            try:
+                return self._xattrs.get(self.guest_inode(inode))
+            finally:
+                self._lock.release()
         self._check()
+        ino = self.guest_inode(inode)
         with self._lock:
-            return self.fs.xattrs(self.guest_inode(inode))
+            return self._xattrs.get_or(ino, lambda: self.fs.xattrs(ino))
 
     def open(self, inode):
         """The file's bytes: ("inline", data) or ("runs", runs)."""

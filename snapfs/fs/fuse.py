@@ -217,7 +217,14 @@ class SnapfsOperations(pyfuse3.Operations):
         return os.fsencode(target)
 
     async def getxattr(self, inode, name, ctx):
-        return await self._run(self.vfs.getxattr, inode, name)
+        # In the event loop when a tree has the file's attributes at hand.
+        try:
+            value = self.vfs.getxattr(inode, name, wait=False)
+        except (SnapfsError, OSError) as e:
+            raise _fuse_error(e) from None
+        if value is None:
+            value = await self._run(self.vfs.getxattr, inode, name)
+        return value
 
     async def listxattr(self, inode, ctx):
         return list(await self._run(self.vfs.listxattr, inode))

@@ -140,16 +140,22 @@ class Vfs(OperationRunner, Tree):
             log.error("%s: its root cannot be read: %s", tree.label, e)
             return None
 
-    def getxattr(self, inode, name):
-        found = self.listxattr(inode)
+    def getxattr(self, inode, name, wait=True):
+        found = self.listxattr(inode, wait)
+        if found is None:
+            return None
         if name not in found:
             raise NoAttribute(f"no attribute {name!r}")
         return found[name]
 
-    def listxattr(self, inode):
-        """{name: value} of a file in a tree (none elsewhere)."""
-        tree = _tree_of(self.node(inode))
-        return tree.xattrs(inode) if tree is not None else {}
+    def listxattr(self, inode, wait=True):
+        """{name: value} of a file in a tree (none elsewhere); with
+        ``wait=False``, None where a tree would have to read."""
+        node = self.node(inode) if wait else self.node_nowait(inode)
+        if node is None:
+            return None
+        tree = _tree_of(node)
+        return tree.xattrs(inode, wait) if tree is not None else {}
 
     def size(self, node):
         if isinstance(node, GuestEntry):
