@@ -347,9 +347,9 @@ class ExtGuestFs(GuestFs):
         return node
 
     def _decode_inode(self, ino, raw):
-        (mode, uid, size_lo, atime, ctime, mtime, gid, nlink, blocks_lo, flags, block,
-         generation, acl_lo, size_hi, blocks_hi, acl_hi, uid_hi, gid_hi) = _INODE_HEAD.unpack_from(raw)
-        if mode & 0o170000 not in VALID_TYPES:
+        (mode, uid, size_lo, atime, ctime, mtime, gid, nlink, blocks_lo, flags, block, generation,
+         acl_lo, size_hi, blocks_hi, acl_hi, uid_hi, gid_hi) = _INODE_HEAD.unpack_from(raw)
+        if stat.S_IFMT(mode) not in VALID_TYPES:
             raise FsDamaged(f"ext: inode {ino} has a bad mode {mode:#o}")
         extra_isize = 0
         if self.inode_size > GOOD_OLD_INODE_SIZE:
@@ -372,16 +372,13 @@ class ExtGuestFs(GuestFs):
         # and the nanoseconds where the inode's extra part has them.
         atime_ns, mtime_ns, ctime_ns = (atime * 1_000_000_000, mtime * 1_000_000_000,
                                         ctime * 1_000_000_000)
-        if end >= 0x88:
-            extras = _EXTRA_TIMES.unpack_from(raw, 0x84)[:(end - 0x84) // 4]
-            for i, extra in enumerate(extras):
-                ns = ((extra & 3) << 32) * 1_000_000_000 + (extra >> 2)
-                if i == 0:
-                    ctime_ns += ns
-                elif i == 1:
-                    mtime_ns += ns
-                else:
-                    atime_ns += ns
+        if end >= 0x88:     # i_ctime_extra, then i_mtime_extra and i_atime_extra if there
+            c_extra, m_extra, a_extra = _EXTRA_TIMES.unpack_from(raw, 0x84)
+            ctime_ns += _extra_ns(c_extra)
+            if end >= 0x8C:
+                mtime_ns += _extra_ns(m_extra)
+            if end >= 0x90:
+                atime_ns += _extra_ns(a_extra)
         return _Inode(ino, mode, nlink, uid | uid_hi << 16, gid | gid_hi << 16, size, atime_ns,
                       mtime_ns, ctime_ns, flags, block, generation, acl_lo | acl_hi << 32, blocks,
                       raw[end:])
@@ -751,6 +748,11 @@ class ExtGuestFs(GuestFs):
         if inline is not None:
             return inline
         return self.read_file(self._byte_runs(holder, []), 0, value_size)
+
+
+def _extra_ns(extra):
+    """What an i_*time_extra adds: two epoch bits and the nanoseconds."""
+    return ((extra & 3) << 32) * 1_000_000_000 + (extra >> 2)
 
 
 def _device(i_block):
