@@ -20,8 +20,11 @@ it at hand, in the event loop: ``read_nowait``).
 The kernel caches entries and attributes but asks again for every
 directory listing (pyfuse3 cannot tell it to cache those), so a listing
 is kept whole, entries and stats, and a listing kept is answered in the
-event loop (``listing(..., wait=False)``): a warm ``find`` costs the
-daemon no thread and no parsing.
+event loop (``listdir(..., wait=False)``): a warm ``find`` costs the
+daemon no thread and no parsing.  A directory of one block is listed in
+the event loop the first time too: a few reads cost less than the hop
+to a worker thread and back, which a cold ``find`` waits for once per
+directory.  Extended attributes are kept too (``ls -l`` asks for them).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ GUEST_INODE_LIMIT = 1 << GUEST_INODE_BITS
 STAT_CACHE = 65536          # Stats kept per tree (the kernel keeps its own copy)
 LISTING_CACHE = 1024        # directory listings (names) kept per tree
 ENTRY_CACHE = 1 << 18       # entries of the listings kept with their stats, per tree
+SMALL_DIRECTORY = 4096      # bytes: a directory listed in the event loop the first time too
 RUNS_CACHE = 1024           # extent maps kept per tree
 XATTR_CACHE = 4096          # files' extended attributes kept per tree
 
@@ -217,7 +221,15 @@ class FileTree:
                 entries = self._entries.get(ino)
                 if entries is not None:
                     self._entries.move_to_end(ino)
-                return entries
+                    return entries
+                st = self._stats.get(ino)
+                if st is None or st.size > SMALL_DIRECTORY:
+                    return None
+                # A directory of one block: its entries and their inodes
+                # are a few reads, cheaper than the thread hop (the kernel
+                # waits for this answer before it asks for the next).
+                listing = self._listings.get_or(ino, lambda: self._list(ino))
+                return self._entries.get_or(ino, lambda: self._entries_of(listing))
             finally:
                 self._lock.release()
         ino = self.guest_inode(inode)
