@@ -16,6 +16,15 @@ Parsers keep a file position and caches: each tree's metadata requests
 are serialised by its own lock.  File data is read through the file's
 runs from the partition view, without the lock (and, when the chain has
 it at hand, in the event loop: ``read_nowait``).
+
+The kernel caches entries and attributes but asks again for every
+directory listing (pyfuse3 cannot tell it to cache those), so a listing
+is kept whole, entries and stats, and a listing kept is answered in the
+event loop (``listdir(..., wait=False)``): a warm ``find`` costs the
+daemon no thread and no parsing.  A directory of one block is listed in
+the event loop the first time too: a few reads cost less than the hop
+to a worker thread and back, which a cold ``find`` waits for once per
+directory.  Extended attributes are kept too (``ls -l`` asks for them).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import NotFound, PermissionDenied, ReadOnly, SnapfsError
-from ..guestfs.base import FsDamaged, Unsupported
+from ..guestfs.base import BudgetExceeded, FsDamaged, Unsupported
 from ..guestfs.probe import open_guest_fs
 from .nodes import IMMUTABLE_TIMEOUT
 
@@ -36,8 +45,11 @@ log = logging.getLogger(__name__)
 GUEST_INODE_BITS = 40
 GUEST_INODE_LIMIT = 1 << GUEST_INODE_BITS
 STAT_CACHE = 65536          # Stats kept per tree (the kernel keeps its own copy)
-LISTING_CACHE = 1024        # directory listings kept per tree
+LISTING_CACHE = 1024        # directory listings (names) kept per tree
+ENTRY_CACHE = 1 << 18       # entries of the listings kept with their stats, per tree
+SMALL_DIRECTORY = 4096      # bytes: a directory listed in the event loop the first time too
 RUNS_CACHE = 1024           # extent maps kept per tree
+XATTR_CACHE = 4096          # files' extended attributes kept per tree
 
 
 @dataclass(slots=True)
@@ -57,6 +69,7 @@ class GuestEntry:
     key: None = None
     shared: bool = False
     children: None = None
+    attrs: object = None        # what the FUSE adapter made of it, kept with a listing
 
     @property
     def mode(self):
@@ -80,9 +93,12 @@ class GuestEntry:
 
 
 class _Lru(OrderedDict):
-    def __init__(self, limit):
+    """Values kept by ``key``, the least recently used dropped first once
+    their ``weight`` (by default, one each) passes ``limit``."""
+
+    def __init__(self, limit, weight=None):
         super().__init__()
-        self.limit = limit
+        self.limit, self.weight, self.total = limit, weight, 0
 
     def get_or(self, key, make):
         try:
@@ -90,9 +106,13 @@ class _Lru(OrderedDict):
             return self[key]
         except KeyError:
             value = self[key] = make()
-            if len(self) > self.limit:
-                self.popitem(last=False)
+            self.total += self._weigh(value)
+            while self.total > self.limit and len(self) > 1:
+                self.total -= self._weigh(self.popitem(last=False)[1])
             return value
+
+    def _weigh(self, value):
+        return 1 if self.weight is None else self.weight(value)
 
 
 class FileTree:
@@ -110,7 +130,9 @@ class FileTree:
         self._lock = threading.Lock()
         self._stats = _Lru(STAT_CACHE)
         self._listings = _Lru(LISTING_CACHE)
+        self._entries = _Lru(ENTRY_CACHE, weight=lambda entries: max(1, len(entries)))
         self._runs = _Lru(RUNS_CACHE)
+        self._xattrs = _Lru(XATTR_CACHE)
 
     # -- inode numbers -----------------------------------------------------------
 
@@ -132,14 +154,32 @@ class FileTree:
         if self.error is not None:
             raise FsDamaged(f"{self.label}: {self.error}")
 
+    def _at_hand(self):
+        """Whether a request may be answered from the caches (else the
+        waiting call says why not)."""
+        return self.top is not None and not self.top.stale and self.error is None
+
     def stat(self, ino):
         self._check()
         with self._lock:
             return self._stats.get_or(ino, lambda: self.fs.stat(ino))
 
-    def entry(self, inode):
+    def entry(self, inode, wait=True):
+        """The GuestEntry of ``inode``; with ``wait=False``, None unless its
+        stat is at hand and the lock free."""
+        if wait:
+            ino = self.guest_inode(inode)
+            return GuestEntry(self.fuse_inode(ino), self, self.stat(ino))
+        if not self._at_hand():
+            return None
         ino = self.guest_inode(inode)
-        return GuestEntry(self.fuse_inode(ino), self, self.stat(ino))
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            st = self._stats.get(ino)
+        finally:
+            self._lock.release()
+        return None if st is None else GuestEntry(self.fuse_inode(ino), self, st)
 
     def root_stat(self):
         return self.stat(self.fs.root)
@@ -166,15 +206,51 @@ class FileTree:
         entry.name = name.decode(errors="surrogateescape")
         return entry
 
-    def listdir(self, inode):
-        """[(name bytes, GuestEntry)]; an entry whose inode is damaged is
-        left out (and logged): the rest of the directory still lists."""
-        out = []
-        for name, ino in list(self._listing(self.guest_inode(inode)).items()):
+    def listdir(self, inode, wait=True):
+        """[(name bytes, GuestEntry)], kept and shared: not to be changed.
+        An entry whose inode is damaged is left out (and logged): the rest
+        of the directory still lists.  With ``wait=False``, None unless the
+        listing is at hand and the lock free (the caller is the event loop)."""
+        if not wait:
+            if not self._at_hand():
+                return None     # the waiting call raises
+            ino = self.guest_inode(inode)
+            if not self._lock.acquire(blocking=False):
+                return None
             try:
-                out.append((name, self._entry_of(ino, name)))
+                entries = self._entries.get(ino)
+                if entries is not None:
+                    self._entries.move_to_end(ino)
+                    return entries
+                st = self._stats.get(ino)
+                if st is None or st.size > SMALL_DIRECTORY:
+                    return None
+                # A directory of one block: its entries and their inodes
+                # are a few reads, cheaper than the thread hop (the kernel
+                # waits for this answer before it asks for the next).
+                listing = self._listings.get_or(ino, lambda: self._list(ino))
+                return self._entries.get_or(ino, lambda: self._entries_of(listing))
+            finally:
+                self._lock.release()
+        ino = self.guest_inode(inode)
+        listing = self._listing(ino)
+        with self._lock:
+            return self._entries.get_or(ino, lambda: self._entries_of(listing))
+
+    def _entries_of(self, listing):
+        """The entries of a listing, with their stats (under the lock)."""
+        out = []
+        for name, ino in listing.items():
+            try:
+                st = self._stats.get_or(ino, lambda: self.fs.stat(ino))
+                entry = GuestEntry(self.fuse_inode(ino), self, st)
+            except BudgetExceeded:
+                raise           # the request is over, and nothing is kept of it
             except FsDamaged as e:
                 log.error("%s: entry %r left out of its directory: %s", self.label, name, e)
+                continue
+            entry.name = name.decode(errors="surrogateescape")
+            out.append((name, entry))
         return out
 
     def readlink(self, inode):
@@ -182,10 +258,21 @@ class FileTree:
         with self._lock:
             return self.fs.readlink(self.guest_inode(inode))
 
-    def xattrs(self, inode):
+    def xattrs(self, inode, wait=True):
+        """{name: value}, kept (``ls -l`` asks for two of every file it
+        lists, and the kernel keeps none); with ``wait=False``, None unless
+        at hand and the lock free."""
+        if not wait:
+            if not self._at_hand() or not self._lock.acquire(blocking=False):
+                return None
+            try:
+                return self._xattrs.get(self.guest_inode(inode))
+            finally:
+                self._lock.release()
         self._check()
+        ino = self.guest_inode(inode)
         with self._lock:
-            return self.fs.xattrs(self.guest_inode(inode))
+            return self._xattrs.get_or(ino, lambda: self.fs.xattrs(ino))
 
     def open(self, inode):
         """The file's bytes: ("inline", data) or ("runs", runs)."""

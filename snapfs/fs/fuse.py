@@ -217,24 +217,68 @@ class SnapfsOperations(pyfuse3.Operations):
         return os.fsencode(target)
 
     async def getxattr(self, inode, name, ctx):
-        return await self._run(self.vfs.getxattr, inode, name)
+        # In the event loop when a tree has the file's attributes at hand.
+        try:
+            value = self.vfs.getxattr(inode, name, wait=False)
+        except (SnapfsError, OSError) as e:
+            raise _fuse_error(e) from None
+        if value is None:
+            value = await self._run(self.vfs.getxattr, inode, name)
+        return value
 
     async def listxattr(self, inode, ctx):
         return list(await self._run(self.vfs.listxattr, inode))
 
     async def opendir(self, inode, ctx):
-        node = await self._run(self.vfs.node, inode)
+        # A directory of a file tree seen before is answered here, without
+        # a thread (fs/filetree.py): a warm find opens every directory.
+        node = self._nowait(self.vfs.node_nowait, inode)
+        if node is None:
+            node = await self._run(self.vfs.node, inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh, start_id, token):
-        def listing():
-            entries = self.vfs.listdir(fh)[start_id:]
-            return [(os.fsencode(name), self._attrs(node)) for name, node in entries]
-        for index, (name, attrs) in enumerate(await self._run(listing), start_id):
+        # pyfuse3 asks for readdirplus: each entry goes with its attributes,
+        # and the kernel needs no lookup or getattr for it.  The kernel asks
+        # for a page of entries at a time, then once more past the end.
+        entries = self._nowait(self.vfs.tree_listing, fh, wait=False)
+        first = 0
+        if entries is None:
+            first, entries = await self._run(self._listing, fh, start_id)
+        for index in range(start_id, first + len(entries)):
+            name, item = entries[index - first]
+            attrs = item if isinstance(item, pyfuse3.EntryAttributes) else self._tree_attrs(item)
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
+
+    @staticmethod
+    def _nowait(fn, *args, **kw):
+        """A call in the event loop that may answer None (then a worker
+        thread asks again): its failures are the worker's to report."""
+        try:
+            return fn(*args, **kw)
+        except Exception:
+            return None
+
+    def _listing(self, inode, start_id):
+        """(index of the first, [(name, GuestEntry or attributes)]) of a
+        directory, in a worker thread: a tree's whole listing as it keeps
+        it, or another directory's entries from ``start_id`` on, with their
+        attributes made now (they may change)."""
+        entries = self.vfs.tree_listing(inode)
+        if entries is not None:
+            return 0, entries
+        entries = self.vfs.listdir(inode)[start_id:]
+        return start_id, [(os.fsencode(name), self._attrs(node)) for name, node in entries]
+
+    def _tree_attrs(self, entry):
+        """The attributes of an entry of a tree's listing, kept with it: a
+        snapshot never changes (and _attrs of a GuestEntry reads nothing)."""
+        if entry.attrs is None:
+            entry.attrs = self._attrs(entry)
+        return entry.attrs
 
     async def releasedir(self, fh):
         pass

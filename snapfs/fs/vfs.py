@@ -105,6 +105,26 @@ class Vfs(OperationRunner, Tree):
         children = self._children(node)
         return [(name, self._nodes[i]) for name, i in list(children.items())]
 
+    def tree_listing(self, inode, wait=True):
+        """[(name bytes, GuestEntry)] of a directory in a tree, kept by the
+        tree (not to be changed); None for any other directory, or, with
+        ``wait=False``, when the listing is not at hand (fs/filetree.py)."""
+        node = self.node(inode) if wait else self.node_nowait(inode)
+        tree = _tree_of(node) if node is not None else None
+        if tree is None or not node.is_dir:
+            return None
+        return tree.listdir(inode, wait)
+
+    def node_nowait(self, inode):
+        """``node`` if it needs no parsing (in a tree: its stat is at hand),
+        else None."""
+        try:
+            if not is_guest_inode(inode):
+                return super().node(inode)
+            return self.listings.trees.of(inode).entry(inode, wait=False)
+        except NotFound:
+            return None
+
     def guest_stat(self, node):
         """The guest's Stat of a file in a tree or of a tree's root, else None."""
         if isinstance(node, GuestEntry):
@@ -120,16 +140,22 @@ class Vfs(OperationRunner, Tree):
             log.error("%s: its root cannot be read: %s", tree.label, e)
             return None
 
-    def getxattr(self, inode, name):
-        found = self.listxattr(inode)
+    def getxattr(self, inode, name, wait=True):
+        found = self.listxattr(inode, wait)
+        if found is None:
+            return None
         if name not in found:
             raise NoAttribute(f"no attribute {name!r}")
         return found[name]
 
-    def listxattr(self, inode):
-        """{name: value} of a file in a tree (none elsewhere)."""
-        tree = _tree_of(self.node(inode))
-        return tree.xattrs(inode) if tree is not None else {}
+    def listxattr(self, inode, wait=True):
+        """{name: value} of a file in a tree (none elsewhere); with
+        ``wait=False``, None where a tree would have to read."""
+        node = self.node(inode) if wait else self.node_nowait(inode)
+        if node is None:
+            return None
+        tree = _tree_of(node)
+        return tree.xattrs(inode, wait) if tree is not None else {}
 
     def size(self, node):
         if isinstance(node, GuestEntry):

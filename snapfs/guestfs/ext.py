@@ -10,7 +10,8 @@ meet (with its block list) in a cache of 1024.  Here every structure is
 checked as the kernel checks it (``ext4_ext_check``,
 ``__ext4_check_dir_entry``, ``ext4_xattr_check_entries``, ``__ext4_iget``)
 before it is used, every list is capped while it is built, and the only
-caches are small LRUs of decoded inodes, inode tables and parents.
+caches are small LRUs of decoded inodes, pieces of inode tables and their
+places, and parents.
 
 Directories: an entry for a subdirectory is shown only when that
 subdirectory's ``..`` names the directory listing it.  A hard link to a
@@ -108,6 +109,8 @@ READ_CHUNK = 64 << 10           # directory blocks read at once
 MAX_INLINE_FILE = 64 << 20
 LOAD_GAP_BLOCKS = 8             # inode table blocks read through between two wanted ones
 LOAD_SPAN_BYTES = 256 << 10     # at most this at once
+INODE_READ = 16 << 10           # inode table bytes read at once
+TABLE_CHUNK_CACHE_BYTES = 4 << 20   # of inode tables, as read
 
 
 def is_ext(read) -> bool:
@@ -120,7 +123,14 @@ def needs_recovery(read) -> bool:
     return len(sb) == 0x64 and bool(struct.unpack_from("<I", sb, 0x60)[0] & INCOMPAT_RECOVER)
 
 
-@dataclass(frozen=True, slots=True)
+# The fixed part of an on-disk inode (struct ext4_inode up to
+# i_checksum_lo), and the extra times after i_extra_isize.
+_INODE_HEAD = struct.Struct("<HHIiii4xHHII4x60sIII4xHHHH")
+_EXTRA_TIMES = struct.Struct("<III")     # i_ctime_extra, i_mtime_extra, i_atime_extra
+_U16 = struct.Struct("<H")
+
+
+@dataclass(slots=True)
 class _Inode:
     """The fields of one on-disk inode this reader uses, decoded."""
     ino: int
@@ -151,11 +161,16 @@ class _Lru:
         self.entries, self._map, self._lock = entries, OrderedDict(), threading.Lock()
 
     def get(self, key):
-        with self._lock:
-            value = self._map.get(key)
-            if value is not None:
+        # Without the lock: each OrderedDict call is atomic (the GIL), and
+        # a hit is the common case of every request.  A put may drop the
+        # key in between: then it is merely not moved.
+        value = self._map.get(key)
+        if value is not None:
+            try:
                 self._map.move_to_end(key)
-            return value
+            except KeyError:
+                pass
+        return value
 
     def put(self, key, value):
         with self._lock:
@@ -186,6 +201,7 @@ class ExtGuestFs(GuestFs):
         self._check_superblock(sb, raw)
         self._inodes = _Lru(max(64, INODE_CACHE_BYTES // self.inode_size))
         self._tables = _Lru(CACHE_ENTRIES)
+        self._table_chunks = _Lru(TABLE_CHUNK_CACHE_BYTES // INODE_READ)
         self._parents = _Lru(CACHE_ENTRIES)
 
     def _check_superblock(self, sb, raw):
@@ -306,10 +322,25 @@ class ExtGuestFs(GuestFs):
             if not 1 <= ino <= self.inodes_count:
                 raise FsDamaged(f"ext: inode number {ino} out of range")
             group, index = divmod(ino - 1, self.inodes_per_group)
-            offset = self._inode_table(group) * self.block_size + index * self.inode_size
-            node = self._decode_inode(ino, self._read(offset, self.inode_size))
+            node = self._decode_inode(ino, self._inode_bytes(group, index))
             self._inodes.put(ino, node)
         return node
+
+    def _inode_bytes(self, group, index):
+        """The on-disk inode ``index`` of ``group``.  The inode table is read
+        INODE_READ bytes at a time, as the kernel reads ahead in it: the
+        inodes a walk wants next (a directory's files) are its neighbours."""
+        isz = self.inode_size
+        per_read = max(1, INODE_READ // isz)
+        first = index - index % per_read
+        chunk = self._table_chunks.get((group, first))
+        if chunk is None:
+            count = min(per_read, self.inodes_per_group - first)
+            offset = self._inode_table(group) * self.block_size + first * isz
+            chunk = self._read(offset, count * isz)
+            self._table_chunks.put((group, first), chunk)
+        at = (index - first) * isz
+        return chunk[at:at + isz]
 
     def _file(self, ino):
         """An inode a directory entry may name, in use (as ``__ext4_iget``)."""
@@ -321,16 +352,13 @@ class ExtGuestFs(GuestFs):
         return node
 
     def _decode_inode(self, ino, raw):
-        (mode, uid, size_lo, atime, ctime, mtime, _dtime, gid, nlink, blocks_lo, flags
-         ) = struct.unpack_from("<HHIIIIIHHII", raw, 0)
-        block = raw[40:100]
-        generation, acl_lo, size_hi = struct.unpack_from("<III", raw, 100)
-        blocks_hi, acl_hi, uid_hi, gid_hi = struct.unpack_from("<HHHH", raw, 116)
+        (mode, uid, size_lo, atime, ctime, mtime, gid, nlink, blocks_lo, flags, block, generation,
+         acl_lo, size_hi, blocks_hi, acl_hi, uid_hi, gid_hi) = _INODE_HEAD.unpack_from(raw)
         if stat.S_IFMT(mode) not in VALID_TYPES:
             raise FsDamaged(f"ext: inode {ino} has a bad mode {mode:#o}")
         extra_isize = 0
         if self.inode_size > GOOD_OLD_INODE_SIZE:
-            extra_isize = struct.unpack_from("<H", raw, 128)[0]
+            extra_isize = _U16.unpack_from(raw, 128)[0]
             if GOOD_OLD_INODE_SIZE + extra_isize > self.inode_size or extra_isize & 3:
                 raise FsDamaged(f"ext: inode {ino} has a bad i_extra_isize {extra_isize}")
         # i_size_high is a directory's size only with largedir (ext4_isize).
@@ -345,23 +373,20 @@ class ExtGuestFs(GuestFs):
             if flags & HUGE_FILE_FL:
                 blocks *= self.block_size >> 9
         end = GOOD_OLD_INODE_SIZE + extra_isize
-
-        def time_ns(base_at, extra_at):
-            # ext4_decode_extra_time: signed 32-bit seconds, plus two epoch
-            # bits and the nanoseconds where the inode's extra part has them.
-            seconds = struct.unpack_from("<i", raw, base_at)[0]
-            nsec = 0
-            if extra_at + 4 <= end:
-                extra = struct.unpack_from("<I", raw, extra_at)[0]
-                seconds += (extra & 3) << 32
-                nsec = extra >> 2
-            return seconds * 1_000_000_000 + nsec
-
-        return _Inode(ino=ino, mode=mode, nlink=nlink, uid=uid | uid_hi << 16,
-                      gid=gid | gid_hi << 16, size=size, atime_ns=time_ns(8, 0x8C),
-                      mtime_ns=time_ns(16, 0x88), ctime_ns=time_ns(12, 0x84), flags=flags,
-                      block=block, generation=generation, file_acl=acl_lo | acl_hi << 32,
-                      blocks=blocks, ibody=raw[end:])
+        # ext4_decode_extra_time: signed 32-bit seconds, plus two epoch bits
+        # and the nanoseconds where the inode's extra part has them.
+        atime_ns, mtime_ns, ctime_ns = (atime * 1_000_000_000, mtime * 1_000_000_000,
+                                        ctime * 1_000_000_000)
+        if end >= 0x88:     # i_ctime_extra, then i_mtime_extra and i_atime_extra if there
+            c_extra, m_extra, a_extra = _EXTRA_TIMES.unpack_from(raw, 0x84)
+            ctime_ns += _extra_ns(c_extra)
+            if end >= 0x8C:
+                mtime_ns += _extra_ns(m_extra)
+            if end >= 0x90:
+                atime_ns += _extra_ns(a_extra)
+        return _Inode(ino, mode, nlink, uid | uid_hi << 16, gid | gid_hi << 16, size, atime_ns,
+                      mtime_ns, ctime_ns, flags, block, generation, acl_lo | acl_hi << 32, blocks,
+                      raw[end:])
 
     # -- GuestFs -----------------------------------------------------------
 
@@ -863,6 +888,10 @@ def _spans(numbers, gap, most):
         first = last = n
     if first is not None:
         yield first, last
+
+def _extra_ns(extra):
+    """What an i_*time_extra adds: two epoch bits and the nanoseconds."""
+    return ((extra & 3) << 32) * 1_000_000_000 + (extra >> 2)
 
 
 def _device(i_block):
