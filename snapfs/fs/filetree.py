@@ -45,8 +45,11 @@ log = logging.getLogger(__name__)
 GUEST_INODE_BITS = 40
 GUEST_INODE_LIMIT = 1 << GUEST_INODE_BITS
 STAT_CACHE = 65536          # Stats kept per tree (the kernel keeps its own copy)
+# Trees whose caches are kept: a mount may show hundreds of snapshots'
+# trees, and each one's caches (and its reader's) take tens of MiB full.
+CACHED_TREES = 8
 LISTING_CACHE = 1024        # directory listings (names) kept per tree
-ENTRY_CACHE = 1 << 18       # entries of the listings kept with their stats, per tree
+ENTRY_CACHE = 1 << 16       # entries of the listings kept with their stats, per tree
 SMALL_DIRECTORY = 4096      # bytes: a directory listed in the event loop the first time too
 RUNS_CACHE = 1024           # extent maps kept per tree
 XATTR_CACHE = 4096          # files' extended attributes kept per tree
@@ -128,11 +131,19 @@ class FileTree:
         # What was done to show it: a journal replayed in memory.
         self.note = fs.recovered if fs is not None else None
         self._lock = threading.Lock()
+        self.used = lambda tree: None   # FileTrees.used, once registered
+        self.drop_caches()
+
+    def drop_caches(self):
+        """Empty caches.  New ones, not cleared ones: no lock is needed, and
+        a request in flight finishes with the old."""
         self._stats = _Lru(STAT_CACHE)
         self._listings = _Lru(LISTING_CACHE)
         self._entries = _Lru(ENTRY_CACHE, weight=lambda entries: max(1, len(entries)))
         self._runs = _Lru(RUNS_CACHE)
         self._xattrs = _Lru(XATTR_CACHE)
+        if self.fs is not None:
+            self.fs.drop_caches()
 
     # -- inode numbers -----------------------------------------------------------
 
@@ -149,6 +160,7 @@ class FileTree:
     # -- metadata, under the lock ----------------------------------------------
 
     def _check(self):
+        self.used(self)
         if self.top is None or self.top.stale:
             raise NotFound(f"{self.label} was removed")
         if self.error is not None:
@@ -157,6 +169,7 @@ class FileTree:
     def _at_hand(self):
         """Whether a request may be answered from the caches (else the
         waiting call says why not)."""
+        self.used(self)
         return self.top is not None and not self.top.stale and self.error is None
 
     def stat(self, ino):
@@ -321,10 +334,27 @@ class FileTree:
 class FileTrees:
     """Every tree of the mount, by id."""
 
-    def __init__(self):
+    def __init__(self, cached=CACHED_TREES):
         self._trees = {}
         self._next_id = 1
         self._lock = threading.Lock()
+        self._cached = cached
+        self._recent = OrderedDict()    # tree id -> tree, most recently used last
+        self._last = None               # the id last in _recent
+
+    def used(self, tree):
+        """``tree`` answers a request: it keeps its caches, and the tree
+        used longest ago beyond the CACHED_TREES most recent lets go of its."""
+        if self._last == tree.id:
+            return                      # the common case: the same tree again
+        recent = self._recent
+        with self._lock:
+            self._last = tree.id
+            recent[tree.id] = tree
+            recent.move_to_end(tree.id)
+            dropped = [recent.popitem(last=False)[1] for _ in range(len(recent) - self._cached)]
+        for old in dropped:
+            old.drop_caches()
 
     def make(self, view, label):
         """A FileTree for ``view``, or None (logged) when it holds no
@@ -347,6 +377,7 @@ class FileTrees:
             log.error("%s: its files cannot be shown: %s", label, error)
         with self._lock:
             tree = FileTree(self._next_id, fs, view, label)
+            tree.used = self.used
             tree.error = error
             self._next_id += 1
             self._trees[tree.id] = tree
@@ -375,6 +406,7 @@ class FileTrees:
     def drop(self, tree):
         with self._lock:
             self._trees.pop(tree.id, None)
+            self._recent.pop(tree.id, None)
 
 
 def _known_kind(error):

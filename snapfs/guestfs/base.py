@@ -179,6 +179,10 @@ class GuestFs:
         self.reader = BudgetedReader(read)
         self.size = size
 
+    def drop_caches(self):
+        """Let go of what the reader keeps to answer faster (a mount keeps
+        only its most recently used trees' caches)."""
+
     # -- the public, bounded interface ------------------------------------
 
     def stat(self, ino) -> Stat:

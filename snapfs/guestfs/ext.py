@@ -199,6 +199,10 @@ class ExtGuestFs(GuestFs):
         except Exception as e:
             raise FsDamaged(f"ext: the superblock cannot be read: {e}") from None
         self._check_superblock(sb, raw)
+        self.drop_caches()
+
+    def drop_caches(self):
+        # New caches, not cleared ones: a request in flight keeps the old.
         self._inodes = _Lru(max(64, INODE_CACHE_BYTES // self.inode_size))
         self._tables = _Lru(CACHE_ENTRIES)
         self._table_chunks = _Lru(TABLE_CHUNK_CACHE_BYTES // INODE_READ)
@@ -400,22 +404,29 @@ class ExtGuestFs(GuestFs):
                     ctime_ns=node.ctime_ns, rdev=rdev, generation=node.generation)
 
     def _listdir(self, ino):
+        entries = []
+        for name, child, file_type in self._named_entries(ino):
+            kind = self._child_type(ino, child, ENTRY_TYPES.get(file_type, 0))
+            if kind is not None:
+                entries.append((name, child, kind))
+        return entries
+
+    def _named_entries(self, ino):
+        """(name, inode, file_type) of directory ``ino``'s entries that may
+        be shown by name, at most MAX_DIR_ENTRIES."""
         node = self._file(ino)
         if node.type != stat.S_IFDIR:
             raise FsDamaged(f"ext: inode {ino} is not a directory")
         if node.flags & ENCRYPT_FL:
             raise Unsupported(f"ext: directory {ino} is encrypted")
-        entries = []
+        count = 0
         for name, child, file_type in self._dir_entries(node):
             if name in (b".", b"..") or not name or b"/" in name or b"\0" in name:
                 continue
-            kind = self._child_type(ino, child, ENTRY_TYPES.get(file_type, 0))
-            if kind is None:
-                continue
-            entries.append((name, child, kind))
-            if len(entries) > MAX_DIR_ENTRIES:
+            count += 1
+            if count > MAX_DIR_ENTRIES:
                 raise FsDamaged(f"ext: directory {ino} has over {MAX_DIR_ENTRIES} entries")
-        return entries
+            yield name, child, file_type
 
     def _child_type(self, ino, child, entry_type):
         """The type of a directory's entry, from its inode (the entry's own
@@ -644,19 +655,10 @@ class ExtGuestFs(GuestFs):
         return self._bounded(self._listdir_known, ino, known_type)
 
     def _listdir_known(self, ino, known_type):
-        node = self._file(ino)
-        if node.type != stat.S_IFDIR:
-            raise FsDamaged(f"ext: inode {ino} is not a directory")
-        if node.flags & ENCRYPT_FL:
-            raise Unsupported(f"ext: directory {ino} is encrypted")
         found = []
-        for name, child, file_type in self._dir_entries(node):
-            if name in (b".", b"..") or not name or b"/" in name or b"\0" in name:
-                continue
+        for name, child, file_type in self._named_entries(ino):
             kind = known_type(child) if known_type else None
             found.append((name, child, file_type, None if kind == stat.S_IFDIR else kind))
-            if len(found) > MAX_DIR_ENTRIES:
-                raise FsDamaged(f"ext: directory {ino} has over {MAX_DIR_ENTRIES} entries")
         self._load_inodes(child for _, child, _, kind in found if kind is None)
         entries = []
         for name, child, file_type, kind in found:
