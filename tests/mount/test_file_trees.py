@@ -5,11 +5,8 @@ equals what a loop mount of the same view shows."""
 import json
 import os
 import secrets
-import shutil
 import stat
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -106,13 +103,8 @@ def guest_user():
 
 @pytest.fixture
 def shared_dir():
-    """A directory every user can traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="snapfs-tree-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
+    with U.traversable_dir("snapfs-tree-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _owned_tree(tmp_path, uid, gid):

@@ -29,9 +29,7 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import stat
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +38,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support import users as U
-from tests.support.mounting import control, force_unmount, mounted, snapfs, snapfs_mounts
+from tests.support.mounting import control, mounted, snapfs, snapfs_mounts
 
 VM = "vm"
 DISK = 4 << 20
@@ -75,21 +73,8 @@ def people():
 
 @pytest.fixture(scope="module")
 def shared_dir():
-    """A directory every user can traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="snapfs-perm-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
+    with U.traversable_dir("snapfs-perm-") as path:
         yield path
-    finally:
-        left = [m for m in snapfs_mounts() if m.startswith(f"{path}/")]
-        for m in left:
-            force_unmount(m)
-        time.sleep(0.2 if left else 0)
-        still = [m for m in snapfs_mounts() if m.startswith(f"{path}/")]
-        if not still:       # never rmtree through a live mount
-            shutil.rmtree(path, ignore_errors=True)
-        assert not left, f"mounts left behind under {path}: {left}"
-        assert not path.exists(), f"{path} could not be removed (mounts: {still})"
 
 
 def sha256(path):

@@ -10,6 +10,7 @@ usable by other users (its interpreter can live under root's home, which is
 0700), so ``snapfs_command()`` says how a user can run snapfs, and why.
 """
 
+import contextlib
 import dataclasses
 import grp
 import os
@@ -19,6 +20,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -305,3 +307,25 @@ def snapfs_command(user):
                 f"{VENV_PYTHON} ({venv.stderr.strip().splitlines()[-1:]})")
     raise AssertionError(f"{user.name} cannot run snapfs: {VENV_PYTHON}: {venv.stderr.strip()}; "
                          f"{SYSTEM_PYTHON}: {system.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def traversable_dir(prefix):
+    """A directory every user can traverse (pytest's tmp_path is 0700), for
+    mounts other users reach.  Removed afterwards, never through a mount
+    left in it (that fails the test instead)."""
+    from .mounting import force_unmount, snapfs_mounts
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        left = [m for m in snapfs_mounts() if m.startswith(f"{path}/")]
+        for m in left:
+            force_unmount(m)
+        time.sleep(0.2 if left else 0)
+        still = [m for m in snapfs_mounts() if m.startswith(f"{path}/")]
+        if not still:       # never rmtree through a live mount
+            shutil.rmtree(path, ignore_errors=True)
+        assert not left, f"mounts left behind under {path}: {left}"
+        assert not path.exists(), f"{path} could not be removed (mounts: {still})"
