@@ -7,8 +7,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config qemu-utils e2fsprogs xfsprogs fdisk gdisk util-linux mount cpio)
 # qemu-system-x86_64 for the tests of running VMs; without its recommends
-# (GTK display, firmware), which a -display none QEMU never uses.
-APT_LEAN_PACKAGES=(qemu-system-x86)
+# (GTK display, firmware), which a -display none QEMU never uses; GlusterFS for
+# the tests of stores shared by hosts (tests/support/gluster.py).
+APT_LEAN_PACKAGES=(qemu-system-x86 glusterfs-server glusterfs-client)
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
