@@ -118,6 +118,13 @@ class QmpSession:
         except (QMPError, OSError, EOFError) as e:
             raise QemuError(f"QEMU at {self.path}: {doing}: "
                             f"{e or type(e).__name__}") from None
+        except AssertionError:
+            # qemu.qmp's connect() asserts its own state once the greeting
+            # is read: a QEMU that hangs up just then (it is exiting) fails
+            # that assertion.  It is a hang-up like any other, which
+            # live.connect() asks again about until QEMU is gone.
+            raise QemuError(f"QEMU at {self.path}: {doing}: the connection ended "
+                            f"mid-handshake") from None
 
     def _close_loop(self):
         runner, self._runner = self._runner, None

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from snapfs.errors import QemuNotRunning, QemuTimeout
+from snapfs.errors import QemuError, QemuNotRunning, QemuTimeout
 from snapfs.qemu.qmp import QmpSession
 from snapfs.qemu.verify import mismatches
 from snapfs.store.manifest import Manifest, Snapshot
@@ -40,6 +40,20 @@ def test_a_server_that_never_greets_times_out(tmp_path):
         assert "did not answer" in str(e.value)
     finally:
         s.close()
+
+
+def test_a_hang_up_mid_handshake_is_a_qemu_error(tmp_path, monkeypatch):
+    """qemu.qmp's connect() fails its own state assertion when QEMU hangs
+    up just after its greeting (seen in the live model test as QEMU was
+    stopped): a QemuError, which live.connect() retries, not an EIO."""
+    from qemu.qmp import QMPClient
+
+    async def hang_up(self, address, *args, **kwargs):
+        assert False, "Runstate.RUNNING"
+
+    monkeypatch.setattr(QMPClient, "connect", hang_up)
+    with pytest.raises(QemuError, match="ended mid-handshake"):
+        QmpSession(str(tmp_path / "qmp.sock"), connect_timeout=1).open()
 
 
 class FakeStore:
