@@ -10,11 +10,12 @@ first, even when the test failed.
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from .users import stop_processes
 
 PING_TIMEOUT = 5            # seconds before a client's locks are given up
 VOLUME = "snapfs-test"
@@ -38,26 +39,9 @@ def _read_pid(path, timeout=10):
     raise AssertionError(f"no pid in {path}")
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def stop_pid(pid, wait=10.0):
-    """SIGTERM, then SIGKILL if it is still there after ``wait`` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
-        if not _alive(pid):
-            return
+def stop_pid(pid):
+    """SIGTERM, then SIGKILL if it is still there (users.stop_processes)."""
+    stop_processes([pid], wait=10.0)
 
 
 class Volume:
